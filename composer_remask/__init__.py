@@ -1,0 +1,1 @@
+"""ReMask for Composer."""

@@ -1,0 +1,1 @@
+"""Data pipeline: prompt formats and roles, sources, MDS writer, dataset and collator."""
