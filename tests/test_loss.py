@@ -1,0 +1,141 @@
+"""remask_loss against a plain, independent computation (DESIGN §2, issue 2 item 3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from composer_remask import remask_loss
+from composer_remask.divergence import DIVERGENCES, predicted_positions, remask_loss_from_rows
+
+
+def reference_loss(logits_full, logits_masked, labels, weight, kind, divergence_mask=None, detach_full=False):
+    """Textbook formulas on full tensors, float64, no chunking and no gathering."""
+    lf = torch.log_softmax(logits_full.double()[:, :-1], -1)
+    lm = torch.log_softmax(logits_masked.double()[:, :-1], -1)
+    target = labels[:, 1:]
+    valid = target != -100
+    safe = target.clamp(min=0).unsqueeze(-1)
+    ce_full = -lf.gather(-1, safe).squeeze(-1)[valid].mean()
+    ce_masked = -lm.gather(-1, safe).squeeze(-1)[valid].mean()
+    teacher = lf.detach() if detach_full else lf
+    pf, pm = teacher.exp(), lm.exp()
+    kl_fm = (pf * (teacher - lm)).sum(-1)
+    kl_mf = (pm * (lm - teacher)).sum(-1)
+    mix = torch.log(0.5 * (pf + pm))
+    per_token = {
+        "forward_kl": kl_fm,
+        "reverse_kl": kl_mf,
+        "sym_kl": 0.5 * (kl_fm + kl_mf),
+        "js": 0.5 * (pf * (teacher - mix)).sum(-1) + 0.5 * (pm * (lm - mix)).sum(-1),
+        "mse": ((teacher - lm) ** 2).mean(-1),
+    }[kind]
+    dmask = valid if divergence_mask is None else divergence_mask[:, 1:].bool()
+    div = per_token[dmask].mean()
+    total = 0.5 * (ce_full + ce_masked) + weight * div
+    return {"total": total, "ce_full": ce_full, "ce_masked": ce_masked, "divergence": div}
+
+
+def make_case(dtype=torch.float32, seed=0, batch=3, seq=9, vocab=37):
+    g = torch.Generator().manual_seed(seed)
+    logits_full = (torch.randn(batch, seq, vocab, generator=g) * 2).to(dtype)
+    logits_masked = (logits_full.float() + torch.randn(batch, seq, vocab, generator=g)).to(dtype)
+    labels = torch.randint(vocab, (batch, seq), generator=g)
+    labels[:, :3] = -100  # prompt
+    labels[1, 6:] = -100  # padding at the end of row 1
+    labels[2, 4] = -100  # a dropped rationale label in the middle
+    return logits_full, logits_masked, labels
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_values_and_gradients_match_reference(kind, dtype):
+    logits_full, logits_masked, labels = make_case(dtype)
+    ours_full = logits_full.clone().requires_grad_()
+    ours_masked = logits_masked.clone().requires_grad_()
+    out = remask_loss(ours_full, ours_masked, labels, weight=0.3, divergence=kind)
+    out["total"].backward()
+
+    ref_full = logits_full.double().requires_grad_()
+    ref_masked = logits_masked.double().requires_grad_()
+    ref = reference_loss(ref_full, ref_masked, labels, 0.3, kind)
+    ref["total"].backward()
+
+    for key in ("total", "ce_full", "ce_masked", "divergence"):
+        assert out[key].dtype == torch.float32  # fp32 whatever the logits' dtype
+        assert out[key].item() == pytest.approx(ref[key].item(), rel=1e-5, abs=1e-6), key
+    grad_tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(ours_full.grad.double(), ref_full.grad, atol=grad_tol, rtol=grad_tol)
+    torch.testing.assert_close(ours_masked.grad.double(), ref_masked.grad, atol=grad_tol, rtol=grad_tol)
+
+
+def test_total_identity_and_divergence_mask():
+    logits_full, logits_masked, labels = make_case(seed=1)
+    divergence_mask = labels != -100
+    divergence_mask[2, 4] = True  # the dropped label still counts for the divergence
+    out = remask_loss(logits_full, logits_masked, labels, weight=0.1, divergence_mask=divergence_mask)
+    ref = reference_loss(logits_full, logits_masked, labels, 0.1, "sym_kl", divergence_mask)
+    assert out["divergence"].item() == pytest.approx(ref["divergence"].item(), rel=1e-5)
+    identity = 0.5 * (out["ce_full"] + out["ce_masked"]) + 0.1 * out["divergence"]
+    assert abs(out["total"].item() - identity.item()) < 1e-6
+
+
+def test_detach_full_stops_divergence_gradient_only():
+    logits_full, logits_masked, labels = make_case(seed=2)
+    ours_full = logits_full.clone().requires_grad_()
+    remask_loss(ours_full, logits_masked, labels, weight=1.0, detach_full=True)["total"].backward()
+    ref_full = logits_full.double().requires_grad_()
+    reference_loss(ref_full, logits_masked, labels, 1.0, "sym_kl", detach_full=True)["total"].backward()
+    torch.testing.assert_close(ours_full.grad.double(), ref_full.grad, atol=1e-6, rtol=1e-6)
+
+
+def test_identical_inputs_have_zero_divergence():
+    logits_full, _, labels = make_case(seed=3)
+    for kind in DIVERGENCES:
+        out = remask_loss(logits_full, logits_full.clone(), labels, divergence=kind)
+        assert abs(out["divergence"].item()) < 1e-6
+        assert out["ce_full"].item() == pytest.approx(out["ce_masked"].item())
+
+
+def test_hidden_state_path_equals_logits_path_in_chunks():
+    """Projecting gathered hidden states chunk by chunk gives the loss and gradients of the logits."""
+    g = torch.Generator().manual_seed(4)
+    hidden_full = torch.randn(2, 7, 8, generator=g, requires_grad=True)
+    hidden_masked = torch.randn(2, 7, 8, generator=g, requires_grad=True)
+    head = torch.nn.Linear(8, 29, bias=True)
+    labels = torch.randint(29, (2, 7), generator=g)
+    labels[:, :2] = -100
+    b, t, targets, div_rows = predicted_positions(labels, None)
+    n = int((targets != -100).sum())
+    total, sums = remask_loss_from_rows(
+        hidden_full[b, t], hidden_masked[b, t], targets, div_rows, weight=0.2, divergence="sym_kl",
+        detach_full=False, ce_scale=1 / n, div_scale=1 / n, output_weight=head.weight, output_bias=head.bias,
+        chunk_rows=3)
+    total.backward()
+    ours = [hidden_full.grad.clone(), hidden_masked.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+    for p in (hidden_full, hidden_masked, head.weight, head.bias):
+        p.grad = None
+    ref = remask_loss(head(hidden_full), head(hidden_masked), labels, weight=0.2)
+    ref["total"].backward()
+    assert total.item() == pytest.approx(ref["total"].item(), rel=1e-6)
+    assert (sums[0] / n).item() == pytest.approx(ref["ce_full"].item(), rel=1e-6)
+    for mine, theirs in zip(ours, [hidden_full.grad, hidden_masked.grad, head.weight.grad, head.bias.grad]):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_no_labelled_position_gives_zero_finite_loss_with_gradient():
+    logits_full, logits_masked, labels = make_case(seed=5)
+    labels[:] = -100
+    logits_full.requires_grad_()
+    out = remask_loss(logits_full, logits_masked, labels)
+    out["total"].backward()
+    assert out["total"].item() == 0.0
+    assert torch.isfinite(logits_full.grad).all() and logits_full.grad.abs().sum() == 0
+
+
+def test_shape_mismatch_is_a_clear_error():
+    logits_full, logits_masked, labels = make_case()
+    with pytest.raises(ValueError, match="same shape"):
+        remask_loss(logits_full, logits_masked[:, :-1], labels)
+    with pytest.raises(ValueError, match="unknown divergence"):
+        remask_loss(logits_full, logits_masked, labels, divergence="kl")
