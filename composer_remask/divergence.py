@@ -74,7 +74,8 @@ class _ChunkedRemaskLoss(torch.autograd.Function):
     """Loss and its gradient, chunk by chunk, from gathered rows of hidden states or logits.
 
     Forward returns ``(total, parts)`` with ``parts = [ce_full_sum, ce_masked_sum, div_sum]``
-    (unscaled, not differentiable) and ``total = ce_scale * 0.5 * (ce sums) + div_scale * div``.
+    (unscaled, not differentiable) and ``total = ce_scale * 0.5 * (ce sums) + div_scale * div``
+    (``ce_scale * ce_full`` when there is no masked pass).
     """
 
     @staticmethod
@@ -101,7 +102,10 @@ class _ChunkedRemaskLoss(torch.autograd.Function):
                     on_full_logits(start, end, logits_full.detach())
                 ce_full, ce_masked, div = _chunk_loss_sums(
                     logits_full, logits_masked, targets[start:end], div_rows[start:end], divergence, detach_full)
-                chunk_total = ce_scale * 0.5 * (ce_full + ce_masked) + div_scale * div
+                if logits_masked is None:  # single pass (plain SFT): the CE alone
+                    chunk_total = ce_scale * ce_full
+                else:
+                    chunk_total = ce_scale * 0.5 * (ce_full + ce_masked) + div_scale * div
                 if wanted and chunk_total.requires_grad:
                     chunk_grads = torch.autograd.grad(chunk_total, [leaves[i] for i in wanted])
                     for i, g in zip(wanted, chunk_grads):

@@ -33,10 +33,12 @@ def add_remask_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
     return added
 
 
-def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def train_tiny_tokenizer(
+    texts: Iterable[str], vocab_size: int = 1024, with_remask_tokens: bool = True,
+) -> PreTrainedTokenizerFast:
     """Train a deterministic byte-level BPE (GPT-NeoX style, EOS = BOS) on ``texts``.
 
-    The result already carries ReMask's special tokens.
+    The result carries ReMask's special tokens unless ``with_remask_tokens`` is false.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -54,5 +56,6 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTra
         tokenizer_object=core, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN,
         model_max_length=4096, clean_up_tokenization_spaces=False,
     )
-    add_remask_tokens(tokenizer)
+    if with_remask_tokens:
+        add_remask_tokens(tokenizer)
     return tokenizer

@@ -1,0 +1,55 @@
+"""Train the tiny model with ReMask on a fixed global batch of 4, with 1 or 2 processes.
+
+Run as ``composer -n 2 tests/helpers/dist_train.py OUT`` or ``python tests/helpers/dist_train.py OUT``.
+With one process the samples are fed in the order the two ranks hold them (rank 0's block, then
+rank 1's), so both runs see the same global batches. Rank 0 saves weights and losses to OUT.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+from composer import Trainer  # noqa: E402
+from composer.loggers import InMemoryLogger  # noqa: E402
+from composer.utils import dist  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from composer_remask import ReMask  # noqa: E402
+from composer_remask.data.tokenizer import train_tiny_tokenizer  # noqa: E402
+from tests.conftest import _TEXT  # noqa: E402
+from tests.helpers.synthetic import CoTDataset, collate  # noqa: E402
+from tests.test_algorithm import build_model  # noqa: E402
+
+GLOBAL_BATCH = 4
+
+
+def main(out: str) -> None:
+    tokenizer = train_tiny_tokenizer(_TEXT, 400)
+    data = CoTDataset(tokenizer, 12)
+    world = dist.get_world_size()
+    if world == 1:  # what DistributedSampler(shuffle=False) gives 2 ranks, rank blocks concatenated
+        order = [i for k in range(0, len(data), 4) for i in (k, k + 2, k + 1, k + 3)]
+        data.examples = [data.examples[i] for i in order]
+        sampler = None
+    else:
+        sampler = dist.get_sampler(data, shuffle=False)
+    loader = DataLoader(data, batch_size=GLOBAL_BATCH // world, sampler=sampler, collate_fn=collate)
+    model = build_model(tokenizer, seed=0)
+    logger = InMemoryLogger()
+    trainer = Trainer(model=model, train_dataloader=loader, max_duration="3ba", device="cpu",
+                      optimizers=torch.optim.SGD(model.parameters(), lr=0.5), device_train_microbatch_size=1,
+                      algorithms=[ReMask(mask_prob=0.4, weight=0.5, seed=5)], loggers=[logger], seed=5,
+                      progress_bar=False)
+    trainer.fit()
+    if dist.get_global_rank() == 0:
+        torch.save({"weights": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "losses": [float(v) for _, v in logger.data["loss/train/total"]],
+                    "world": world}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,268 @@
+"""ReMask inside composer.Trainer: loss identity, metrics, accumulation, resume, edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from composer import Trainer
+from composer.core import DataSpec
+from composer.loggers import InMemoryLogger
+from composer.metrics.nlp import LanguageCrossEntropy
+from composer.models import HuggingFaceModel
+from torch.utils.data import DataLoader
+from transformers import StableLmForCausalLM
+
+from composer_remask import ReMask
+from composer_remask.batch import num_loss_tokens
+from composer_remask.data.tokenizer import train_tiny_tokenizer
+from tests.conftest import _TEXT, tiny_stablelm_config
+from tests.helpers.synthetic import CoTDataset, collate
+
+
+def build_model(tokenizer, seed=0, metrics=True, vocab_size=None):
+    torch.manual_seed(seed)
+    hf = StableLmForCausalLM(tiny_stablelm_config(vocab_size or len(tokenizer)))
+    return HuggingFaceModel(hf, tokenizer=tokenizer, use_logits=True,
+                            metrics=[LanguageCrossEntropy()] if metrics else None)
+
+
+def token_data_spec(loader):
+    """A DataSpec that reports loss-generating tokens, as composer_remask's loaders do."""
+    return DataSpec(loader, get_num_tokens_in_batch=lambda b: {
+        "total": int(b["attention_mask"].sum()), "loss_generating": num_loss_tokens(b["labels"])})
+
+
+def run(tokenizer, algorithms, *, microbatch=4, batch=4, n=8, duration="1ba", seed=0, metrics=True,
+        on_tokens=False, token_spec=False, dataset=None, lr=0.5, **trainer_kwargs):
+    model = build_model(tokenizer, seed, metrics)
+    loader = DataLoader(dataset if dataset is not None else CoTDataset(tokenizer, n), batch_size=batch,
+                        collate_fn=collate)
+    logger = InMemoryLogger()
+    trainer = Trainer(
+        model=model, train_dataloader=token_data_spec(loader) if token_spec else loader,
+        optimizers=torch.optim.SGD(model.parameters(), lr=lr), max_duration=duration, algorithms=algorithms,
+        loggers=[logger], device="cpu", device_train_microbatch_size=microbatch, progress_bar=False,
+        seed=seed, accumulate_train_batch_on_tokens=on_tokens, **trainer_kwargs)
+    trainer.fit()
+    return trainer, model, logger
+
+
+def logged(logger, key):
+    return [float(v) for _, v in logger.data[key]]
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def max_weight_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.parametrize("impl", ["hidden", "logits"])
+def test_logged_total_is_the_identity_and_train_ce_is_ce_full(tiny_tokenizer, impl):
+    algo = ReMask(mask_prob=0.4, weight=0.3, loss_impl=impl, seed=1)
+    _, _, logger = run(tiny_tokenizer, [algo], microbatch=2, duration="3ba")
+    total, ce_full = logged(logger, "loss/train/total"), logged(logger, "loss/train/ce_full")
+    ce_masked, div = logged(logger, "loss/train/ce_masked"), logged(logger, "loss/train/divergence")
+    assert len(total) == 3
+    for t, f, m, d in zip(total, ce_full, ce_masked, div):
+        assert abs(t - (0.5 * (f + m) + 0.3 * d)) < 1e-5
+        assert d > 0 and m != f
+    # The metric is logged at each batch end (and again at epoch end): pair it with each loss by time.
+    metric = {(int(t.epoch), int(t.batch)): float(v) for t, v in logger.data["metrics/train/LanguageCrossEntropy"]}
+    train_ce = [metric[(int(t.epoch), int(t.batch))] for t, _ in logger.data["loss/train/ce_full"]]
+    for metric, f in zip(train_ce, ce_full):
+        assert abs(metric - f) < 1e-5
+    fraction = logged(logger, "remask/mask_fraction")
+    assert all(0.2 < x < 0.6 for x in fraction) and logged(logger, "remask/mask_prob") == [0.4] * 3
+
+
+@pytest.mark.parametrize("microbatch", [1, 4])
+def test_ce_full_is_the_models_own_loss_on_the_whole_batch(tiny_tokenizer, microbatch):
+    """With no label rules, CE(full) of the first batch equals Hugging Face's token-mean loss."""
+    model = build_model(tiny_tokenizer)
+    batch = collate([CoTDataset(tiny_tokenizer, 4)[i] for i in range(4)])
+    with torch.no_grad():
+        expected = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               labels=batch["labels"]).loss.item()
+    algo = ReMask(rationale_label_drop_prob=0.0, answer_only_prob=0.0, seed=0)
+    _, _, logger = run(tiny_tokenizer, [algo], microbatch=microbatch, n=4)
+    assert logged(logger, "loss/train/ce_full")[0] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("on_tokens,token_spec,weighting", [
+    (False, False, "samples"),  # Composer's default
+    (True, False, "samples"),  # token accumulation, DataSpec counting padded tokens
+    (True, True, "tokens"),  # token accumulation on loss-generating tokens
+])
+def test_microbatch_size_does_not_change_the_step(tiny_tokenizer, on_tokens, token_spec, weighting):
+    results = {}
+    for microbatch in (1, 2, 4):
+        algo = ReMask(mask_prob=0.4, weight=0.5, seed=3, loss_weighting=weighting)
+        _, model, logger = run(tiny_tokenizer, [algo], microbatch=microbatch, on_tokens=on_tokens,
+                               token_spec=token_spec)
+        results[microbatch] = (weights(model), logged(logger, "loss/train/total")[0])
+    reference_weights, reference_loss = results[4]
+    for microbatch in (1, 2):
+        assert max_weight_diff(results[microbatch][0], reference_weights) < 1e-5
+        assert results[microbatch][1] == pytest.approx(reference_loss, abs=1e-5)
+
+
+def test_microbatch_invariance_is_not_free(tiny_tokenizer):
+    """The same check fails for a per-microbatch token mean (the test can tell them apart)."""
+    losses = []
+    for microbatch in (1, 4):
+        _, model, _ = run(tiny_tokenizer, [], microbatch=microbatch)
+        losses.append(weights(model))
+    assert max_weight_diff(*losses) > 1e-4
+
+
+def test_hidden_and_logits_paths_train_identically(tiny_tokenizer):
+    out = {}
+    for impl in ("hidden", "logits"):
+        algo = ReMask(mask_prob=0.5, weight=0.2, seed=5, loss_impl=impl, divergence="js")
+        _, model, logger = run(tiny_tokenizer, [algo], microbatch=2, duration="2ba")
+        out[impl] = (weights(model), logged(logger, "loss/train/total"))
+    assert max_weight_diff(out["hidden"][0], out["logits"][0]) < 1e-5
+    assert out["hidden"][1] == pytest.approx(out["logits"][1], abs=1e-5)
+
+
+def test_resume_from_a_checkpoint_continues_identically(tiny_tokenizer, tmp_path):
+    _, _, full = run(tiny_tokenizer, [ReMask()], microbatch=2, duration="4ba", n=16, seed=7,
+                     save_folder=str(tmp_path), save_interval="2ba")
+    uninterrupted = logged(full, "loss/train/total")
+    checkpoint = tmp_path / "ep0-ba2-rank0.pt"
+    assert checkpoint.exists()
+    # Another trainer seed: the masks must come from the checkpoint, not from the new trainer.
+    _, _, resumed = run(tiny_tokenizer, [ReMask()], microbatch=2, duration="4ba", n=16, seed=99,
+                        load_path=str(checkpoint))
+    assert logged(resumed, "loss/train/total") == uninterrupted[2:]
+
+
+def test_sft_mode_runs_one_pass_and_matches_hf_loss(tiny_tokenizer):
+    model = build_model(tiny_tokenizer)
+    batch = collate([CoTDataset(tiny_tokenizer, 4)[i] for i in range(4)])
+    with torch.no_grad():
+        expected = model.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss.item()
+    rows_seen = []
+    model.model.register_forward_hook(lambda m, args, kwargs_out: None)
+    model.model.model.register_forward_hook(lambda m, a, o: rows_seen.append(o.last_hidden_state.shape[0]))
+    algo = ReMask(mask_prob=0.0, rationale_label_drop_prob=0.0, answer_only_prob=0.0)
+    trainer = Trainer(model=model, train_dataloader=DataLoader(CoTDataset(tiny_tokenizer, 4), batch_size=4,
+                                                               collate_fn=collate),
+                      max_duration="1ba", algorithms=[algo], loggers=[logger := InMemoryLogger()], device="cpu",
+                      device_train_microbatch_size=2, progress_bar=False,
+                      optimizers=torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer.fit()
+    assert rows_seen == [2, 2]  # no second pass
+    assert "loss/train/ce_masked" not in logger.data
+    assert logged(logger, "loss/train/total")[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_masked_thought_has_no_divergence_gradient(tiny_tokenizer):
+    _, _, logger = run(tiny_tokenizer, [ReMask(weight=0.0, seed=2)], microbatch=2)
+    total = logged(logger, "loss/train/total")[0]
+    ce = 0.5 * (logged(logger, "loss/train/ce_full")[0] + logged(logger, "loss/train/ce_masked")[0])
+    assert total == pytest.approx(ce, abs=1e-6) and logged(logger, "loss/train/divergence")[0] > 0
+
+
+@pytest.mark.parametrize("impl", ["hidden", "logits"])
+def test_degenerate_batches_give_finite_losses(tiny_tokenizer, impl):
+    data = CoTDataset(tiny_tokenizer, 4)
+    ids, roles = data[1]
+    data.examples[1] = (ids, [0] * len(roles))  # a sample with no label at all
+    ids, roles = data[2]
+    data.examples[2] = (ids, [0 if r == 2 else r for r in roles])  # labels but nothing maskable
+    for algo in (ReMask(mask_prob=1.0, loss_impl=impl), ReMask(mask_prob=0.4, loss_impl=impl)):
+        for on_tokens, weighting in ((False, "samples"), (True, "tokens")):
+            algo.loss_weighting = weighting
+            _, model, logger = run(tiny_tokenizer, [algo], microbatch=1, dataset=data, on_tokens=on_tokens,
+                                   token_spec=on_tokens)
+            assert all(math.isfinite(x) for x in logged(logger, "loss/train/total"))
+            assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_batch_without_any_label_is_finite(tiny_tokenizer):
+    data = CoTDataset(tiny_tokenizer, 4)
+    data.examples = [(ids, [0] * len(roles)) for ids, roles in data.examples]
+    _, model, logger = run(tiny_tokenizer, [ReMask()], microbatch=2, dataset=data)
+    assert logged(logger, "loss/train/total") == [0.0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_missing_mask_token_is_a_clear_error():
+    plain = train_tiny_tokenizer(_TEXT, 300, with_remask_tokens=False)
+    with_tags = train_tiny_tokenizer(_TEXT, 300)
+    loader = DataLoader(CoTDataset(with_tags, 4), batch_size=4, collate_fn=collate)
+    with pytest.raises(ValueError, match="no <\\|mask\\|> token.*add_remask_tokens"):
+        Trainer(model=build_model(plain), train_dataloader=loader, max_duration="1ba", algorithms=[ReMask()],
+                device="cpu")
+    model = build_model(plain)
+    model.tokenizer = None
+    with pytest.raises(ValueError, match="no tokenizer"):
+        Trainer(model=model, train_dataloader=loader, max_duration="1ba", algorithms=[ReMask()], device="cpu")
+    # Other strategies need no mask token.
+    Trainer(model=build_model(plain, vocab_size=len(with_tags)), train_dataloader=loader, max_duration="1ba",
+            algorithms=[ReMask(mask_strategy="random")], device="cpu", progress_bar=False).fit()
+
+
+def test_batches_without_labels_are_rejected(tiny_tokenizer):
+    loader = DataLoader([{"input_ids": torch.ones(5, dtype=torch.long)}] * 4, batch_size=4)
+    with pytest.raises(ValueError, match="labels"):
+        Trainer(model=build_model(tiny_tokenizer), train_dataloader=loader, max_duration="1ba",
+                algorithms=[ReMask()], device="cpu", progress_bar=False).fit()
+
+
+def test_evaluation_is_untouched(tiny_tokenizer):
+    results = []
+    for algorithms in ([], [ReMask()]):
+        model = build_model(tiny_tokenizer)
+        eval_loader = DataLoader(CoTDataset(tiny_tokenizer, 8, seed=1), batch_size=4, collate_fn=collate)
+        trainer = Trainer(model=model, eval_dataloader=eval_loader, algorithms=algorithms, device="cpu",
+                          progress_bar=False, loggers=[logger := InMemoryLogger()])
+        trainer.eval()
+        results.append(logged(logger, "metrics/eval/LanguageCrossEntropy"))
+    assert results[0] == results[1]
+
+
+def test_state_dict_round_trip():
+    algo = ReMask(seed=123)
+    other = ReMask()
+    other.load_state_dict(algo.state_dict())
+    assert other.seed == 123
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"mask_prob": 1.5}, "mask_prob"), ({"weight": -1}, "weight"), ({"divergence": "kl"}, "divergence"),
+    ({"mask_strategy": "zero"}, "mask_strategy"), ({"loss_weighting": "rows"}, "loss_weighting"),
+])
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ReMask(**kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_processes_match_one_process(tmp_path):
+    """DDP over gloo with 2 ranks x 2 samples trains exactly like 1 rank x 4 samples."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = repo / "tests" / "helpers" / "dist_train.py"
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    composer_bin = Path(sys.executable).with_name("composer")
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], check=True, env=env, cwd=repo,
+                   timeout=600)
+    subprocess.run([str(composer_bin), "-n", "2", "--master_port", "29533", "--stdout", str(tmp_path / "r{rank}.out"),
+                    "--stderr", str(tmp_path / "r{rank}.err"), str(script), str(tmp_path / "two.pt")],
+                   check=True, env=env, cwd=repo, timeout=600)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert (one["world"], two["world"]) == (1, 2)
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    assert max_weight_diff(one["weights"], two["weights"]) < 1e-5
