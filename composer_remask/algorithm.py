@@ -52,6 +52,10 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _output_logits(outputs: Any) -> torch.Tensor:
+    return outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
+
+
 class ReMask(Algorithm):
     """Regularized masking (ReMask / ReMask-CoT) for causal LM fine-tuning.
 
@@ -388,7 +392,7 @@ class ReMask(Algorithm):
                 def on_full_logits(start: int, end: int, chunk: torch.Tensor) -> None:
                     metric_logits[batch_idx[start:end], pos_idx[start:end]] = chunk.to(metric_logits.dtype)
         else:
-            logits = state.outputs["logits"] if isinstance(state.outputs, Mapping) else state.outputs.logits
+            logits = _output_logits(state.outputs)
             rows_full = logits[:rows][batch_idx, pos_idx]
             rows_masked = logits[rows:][batch_idx, pos_idx] if self.two_pass else None
             weight = bias = None
@@ -399,6 +403,10 @@ class ReMask(Algorithm):
                 rows_full, rows_masked, targets, div_rows, weight=self.weight, divergence=self.divergence,
                 detach_full=self.detach_full, ce_scale=ce_scale, div_scale=div_scale, output_weight=weight,
                 output_bias=bias, on_full_logits=on_full_logits, chunk_rows=self.chunk_rows)
+        if self._impl == "hidden":
+            # Route backward through the model's own output as well (its value is unchanged): FSDP
+            # hooks the root module's outputs to start its backward bookkeeping there.
+            total = total + 0.0 * _output_logits(state.outputs).float().sum()
         loss = {"total": total, "ce_full": sums[0] * ce_scale}
         if self.two_pass:
             loss["ce_masked"] = sums[1] * ce_scale
