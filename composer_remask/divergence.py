@@ -62,12 +62,77 @@ def _chunk_loss_sums(
         return ce_full, zero, zero
     logp_masked = torch.log_softmax(logits_masked.float(), dim=-1)
     ce_masked = F.nll_loss(logp_masked, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    if bool(div_rows.any()):
-        teacher = logp_full.detach() if detach_full else logp_full
-        div = token_divergence(teacher[div_rows], logp_masked[div_rows], divergence).sum()
-    else:
-        div = logp_full.new_zeros(())
+    teacher = logp_full.detach() if detach_full else logp_full
+    div = (token_divergence(teacher, logp_masked, divergence) * div_rows).sum()
     return ce_full, ce_masked, div
+
+
+def _subtract_at_targets(grad: torch.Tensor, targets: torch.Tensor, amount: float) -> None:
+    valid = targets != IGNORE_INDEX
+    rows = valid.nonzero(as_tuple=True)[0]
+    grad[rows, targets[rows]] -= amount
+
+
+def _logit_grads_kl(a, b, targets, div_rows, divergence, detach_full, ce_coef, div_coef):
+    """Closed-form sums and logit gradients for CE and the KL family (fewest passes over V).
+
+    With d = log p_full - log p_masked, KL_fm = sum p_full d and KL_mf = -sum p_masked d:
+    dKL_fm/da = p_full (d - KL_fm), dKL_fm/db = p_masked - p_full,
+    dKL_mf/da = p_full - p_masked,  dKL_mf/db = -p_masked (d + KL_mf).
+    """
+    valid = targets != IGNORE_INDEX
+    safe = targets.clamp(min=0).unsqueeze(-1)
+    logp_full = torch.log_softmax(a.float(), dim=-1)
+    ce_full = -(logp_full.gather(-1, safe).squeeze(-1) * valid).sum()
+    if b is None:
+        grad_a = logp_full.exp_().mul_(ce_coef)
+        _subtract_at_targets(grad_a, targets, ce_coef)
+        zero = ce_full.new_zeros(())
+        return ce_full, zero, zero, grad_a, None
+    logp_masked = torch.log_softmax(b.float(), dim=-1)
+    ce_masked = -(logp_masked.gather(-1, safe).squeeze(-1) * valid).sum()
+    p_full = logp_full.exp()
+    d = logp_full.sub_(logp_masked)  # the log-probabilities are not needed any more
+    p_masked = logp_masked.exp_()
+    kl_fm = (p_full * d).sum(-1)
+    kl_mf = -(p_masked * d).sum(-1)
+    w = div_coef * div_rows.float()  # per-row weight of the divergence
+    if divergence == "sym_kl":
+        per_token = 0.5 * (kl_fm + kl_mf)
+        # 0.5 [p_f (d - KL_fm) + p_f - p_m] and 0.5 [p_m - p_f - p_m (d + KL_mf)]
+        grad_a = (d - kl_fm.unsqueeze(-1) + 1).mul_((0.5 * w).unsqueeze(-1))
+        grad_b = (1 - d - kl_mf.unsqueeze(-1)).mul_((0.5 * w).unsqueeze(-1))
+        cross_a, cross_b = -0.5 * w, -0.5 * w
+    elif divergence == "forward_kl":
+        per_token = kl_fm
+        grad_a = (d - kl_fm.unsqueeze(-1)).mul_(w.unsqueeze(-1))
+        grad_b = w.unsqueeze(-1).expand_as(d).clone()
+        cross_a, cross_b = torch.zeros_like(w), -w
+    else:  # reverse_kl
+        per_token = kl_mf
+        grad_a = w.unsqueeze(-1).expand_as(d).clone()
+        grad_b = (-d - kl_mf.unsqueeze(-1)).mul_(w.unsqueeze(-1))
+        cross_a, cross_b = -w, torch.zeros_like(w)
+    # grad_a = p_full * (coef_a + ce) + cross_a * p_masked, and symmetrically for grad_b.
+    grad_a.add_(ce_coef).mul_(p_full).add_(p_masked * cross_a.unsqueeze(-1))
+    grad_b.add_(ce_coef).mul_(p_masked).add_(p_full * cross_b.unsqueeze(-1))
+    if detach_full:  # the divergence does not train the full pass
+        grad_a = p_full.mul_(ce_coef)
+    _subtract_at_targets(grad_a, targets, ce_coef)
+    _subtract_at_targets(grad_b, targets, ce_coef)
+    div = (per_token * div_rows).sum()
+    return ce_full, ce_masked, div, grad_a, grad_b
+
+
+def _logit_grads_autograd(a, b, targets, div_rows, divergence, detach_full, ce_coef, div_coef):
+    """Sums and logit gradients by autograd, for divergences without a closed form here."""
+    with torch.enable_grad():
+        a = a.detach().float().requires_grad_()
+        b = None if b is None else b.detach().float().requires_grad_()
+        ce_full, ce_masked, div = _chunk_loss_sums(a, b, targets, div_rows, divergence, detach_full)
+        total = ce_coef * (ce_full + ce_masked) + div_coef * div
+        grads = torch.autograd.grad(total, [a] if b is None else [a, b])
+    return ce_full.detach(), ce_masked.detach(), div.detach(), grads[0], None if b is None else grads[1]
 
 
 class _ChunkedRemaskLoss(torch.autograd.Function):
@@ -75,46 +140,56 @@ class _ChunkedRemaskLoss(torch.autograd.Function):
 
     Forward returns ``(total, parts)`` with ``parts = [ce_full_sum, ce_masked_sum, div_sum]``
     (unscaled, not differentiable) and ``total = ce_scale * 0.5 * (ce sums) + div_scale * div``
-    (``ce_scale * ce_full`` when there is no masked pass).
+    (``ce_scale * ce_full`` when there is no masked pass). Gradients are computed here, per chunk,
+    and backward only scales them.
     """
 
     @staticmethod
     def forward(ctx, rows_full, rows_masked, weight, bias, targets, div_rows, ce_scale, div_scale,
                 divergence, detach_full, chunk_rows, on_full_logits):
+        two_pass = rows_masked is not None
+        ce_coef = ce_scale * (0.5 if two_pass else 1.0)
+        logit_grads = _logit_grads_kl if divergence in ("sym_kl", "forward_kl", "reverse_kl") \
+            else _logit_grads_autograd
         inputs = (rows_full, rows_masked, weight, bias)
         needs = [t is not None and t.requires_grad for t in inputs]
-        wanted = [i for i, need in enumerate(needs) if need]
         grads = [torch.zeros_like(t, dtype=torch.float32) if need else None for t, need in zip(inputs, needs)]
         sums = torch.zeros(3, dtype=torch.float32, device=rows_full.device)
-        total = torch.zeros((), dtype=torch.float32, device=rows_full.device)
         for start in range(0, rows_full.shape[0], chunk_rows):
             end = min(start + chunk_rows, rows_full.shape[0])
-            chunk = (rows_full[start:end], None if rows_masked is None else rows_masked[start:end], weight, bias)
-            with torch.enable_grad():
-                leaves = [None if t is None else t.detach().requires_grad_(need) for t, need in zip(chunk, needs)]
-                chunk_full, chunk_masked, w_leaf, b_leaf = leaves
-                if w_leaf is not None:
-                    logits_full = F.linear(chunk_full, w_leaf, b_leaf)
-                    logits_masked = None if chunk_masked is None else F.linear(chunk_masked, w_leaf, b_leaf)
-                else:
-                    logits_full, logits_masked = chunk_full, chunk_masked
-                if on_full_logits is not None:
-                    on_full_logits(start, end, logits_full.detach())
-                ce_full, ce_masked, div = _chunk_loss_sums(
-                    logits_full, logits_masked, targets[start:end], div_rows[start:end], divergence, detach_full)
-                if logits_masked is None:  # single pass (plain SFT): the CE alone
-                    chunk_total = ce_scale * ce_full
-                else:
-                    chunk_total = ce_scale * 0.5 * (ce_full + ce_masked) + div_scale * div
-                if wanted and chunk_total.requires_grad:
-                    chunk_grads = torch.autograd.grad(chunk_total, [leaves[i] for i in wanted])
-                    for i, g in zip(wanted, chunk_grads):
-                        if i < 2:  # per-row inputs: each chunk owns its rows
-                            grads[i][start:end] = g
-                        else:  # output layer: shared by all chunks
-                            grads[i] += g
-            sums += torch.stack([ce_full.detach(), ce_masked.detach(), div.detach()])
-            total += chunk_total.detach()
+            h_full = rows_full[start:end].detach()
+            h_masked = rows_masked[start:end].detach() if two_pass else None
+            if weight is not None:
+                logits_full = F.linear(h_full, weight.detach(), None if bias is None else bias.detach())
+                logits_masked = F.linear(h_masked, weight.detach(), None if bias is None else bias.detach()) \
+                    if two_pass else None
+            else:
+                logits_full, logits_masked = h_full, h_masked
+            if on_full_logits is not None:
+                on_full_logits(start, end, logits_full)
+            ce_full, ce_masked, div, grad_a, grad_b = logit_grads(
+                logits_full, logits_masked, targets[start:end], div_rows[start:end], divergence, detach_full,
+                ce_coef, div_scale)
+            del logits_full, logits_masked
+            sums += torch.stack([ce_full, ce_masked, div])
+            if weight is None:  # rows are the logits themselves
+                if needs[0]:
+                    grads[0][start:end] = grad_a
+                if needs[1]:
+                    grads[1][start:end] = grad_b
+                continue
+            grad_a, grad_b = grad_a.to(weight.dtype), None if grad_b is None else grad_b.to(weight.dtype)
+            if needs[0]:
+                grads[0][start:end] = grad_a @ weight.detach()
+            if needs[1]:
+                grads[1][start:end] = grad_b @ weight.detach()
+            if needs[2]:
+                grads[2] += grad_a.t() @ h_full.to(weight.dtype)
+                if two_pass:
+                    grads[2] += grad_b.t() @ h_masked.to(weight.dtype)
+            if needs[3]:
+                grads[3] += grad_a.float().sum(0) + (grad_b.float().sum(0) if two_pass else 0.0)
+        total = ce_coef * (sums[0] + sums[1]) + div_scale * sums[2] if two_pass else ce_coef * sums[0]
         # Keep the gradients in the inputs' dtypes: an fp32 copy of the output layer is not needed.
         grads = [None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
         ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
