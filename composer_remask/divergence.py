@@ -84,8 +84,9 @@ def _logit_grads_kl(a, b, targets, div_rows, divergence, detach_full, ce_coef, d
     safe = targets.clamp(min=0).unsqueeze(-1)
     logp_full = torch.log_softmax(a.float(), dim=-1)
     ce_full = -(logp_full.gather(-1, safe).squeeze(-1) * valid).sum()
+    ce_rows = (ce_coef * valid.float()).unsqueeze(-1)  # rows without a target get no CE gradient
     if b is None:
-        grad_a = logp_full.exp_().mul_(ce_coef)
+        grad_a = logp_full.exp_().mul_(ce_rows)
         _subtract_at_targets(grad_a, targets, ce_coef)
         zero = ce_full.new_zeros(())
         return ce_full, zero, zero, grad_a, None
@@ -114,10 +115,10 @@ def _logit_grads_kl(a, b, targets, div_rows, divergence, detach_full, ce_coef, d
         grad_b = (-d - kl_mf.unsqueeze(-1)).mul_(w.unsqueeze(-1))
         cross_a, cross_b = -w, torch.zeros_like(w)
     # grad_a = p_full * (coef_a + ce) + cross_a * p_masked, and symmetrically for grad_b.
-    grad_a.add_(ce_coef).mul_(p_full).add_(p_masked * cross_a.unsqueeze(-1))
-    grad_b.add_(ce_coef).mul_(p_masked).add_(p_full * cross_b.unsqueeze(-1))
+    grad_a.add_(ce_rows).mul_(p_full).add_(p_masked * cross_a.unsqueeze(-1))
+    grad_b.add_(ce_rows).mul_(p_masked).add_(p_full * cross_b.unsqueeze(-1))
     if detach_full:  # the divergence does not train the full pass
-        grad_a = p_full.mul_(ce_coef)
+        grad_a = p_full.mul_(ce_rows)
     _subtract_at_targets(grad_a, targets, ce_coef)
     _subtract_at_targets(grad_b, targets, ce_coef)
     div = (per_token * div_rows).sum()

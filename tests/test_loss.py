@@ -139,3 +139,34 @@ def test_shape_mismatch_is_a_clear_error():
         remask_loss(logits_full, logits_masked[:, :-1], labels)
     with pytest.raises(ValueError, match="unknown divergence"):
         remask_loss(logits_full, logits_masked, labels, divergence="kl")
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("detach_full", [False, True])
+def test_gradients_with_partial_divergence_mask(kind, detach_full):
+    logits_full, logits_masked, labels = make_case(seed=6)
+    divergence_mask = labels != -100
+    divergence_mask[0, 5] = False  # a labelled position outside the divergence
+    divergence_mask[1, 7] = True  # a divergence position without a label
+    ours = [logits_full.clone().requires_grad_(), logits_masked.clone().requires_grad_()]
+    out = remask_loss(*ours, labels, weight=0.7, divergence=kind, divergence_mask=divergence_mask,
+                      detach_full=detach_full)
+    out["total"].backward()
+    ref_in = [logits_full.double().requires_grad_(), logits_masked.double().requires_grad_()]
+    ref = reference_loss(*ref_in, labels, 0.7, kind, divergence_mask, detach_full)
+    ref["total"].backward()
+    assert out["total"].item() == pytest.approx(ref["total"].item(), rel=1e-5)
+    for mine, theirs in zip(ours, ref_in):
+        torch.testing.assert_close(mine.grad.double(), theirs.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_extreme_logits_stay_finite(kind):
+    logits_full, logits_masked, labels = make_case(seed=7)
+    logits_full = logits_full * 60  # log-probabilities far below fp32's exp range
+    logits_masked = -logits_masked * 60
+    inputs = [logits_full.requires_grad_(), logits_masked.requires_grad_()]
+    out = remask_loss(*inputs, labels, divergence=kind)
+    out["total"].backward()
+    assert all(torch.isfinite(v) for v in out.values())
+    assert all(torch.isfinite(t.grad).all() for t in inputs)
