@@ -387,7 +387,10 @@ class ReMask(Algorithm):
             rows_masked = hidden[rows:][batch_idx, pos_idx] if self.two_pass else None
             weight, bias = head.weight, head.bias
             if want_metric_logits:
-                metric_logits = hidden.new_zeros((rows, labels.shape[1], head.weight.shape[0]))
+                # Train metrics need (B, T, V) logits; filled at predicted positions only, in the dtype
+                # the model's own logits have (bf16 under amp_bf16), like the logits SFT would keep.
+                metric_logits = hidden.new_zeros((rows, labels.shape[1], head.weight.shape[0]),
+                                                 dtype=_output_logits(state.outputs).dtype)
 
                 def on_full_logits(start: int, end: int, chunk: torch.Tensor) -> None:
                     metric_logits[batch_idx[start:end], pos_idx[start:end]] = chunk.to(metric_logits.dtype)
