@@ -342,6 +342,8 @@ class ReMask(Algorithm):
             forward_batch[key] = value
         if self._impl == "hidden":
             forward_batch["logits_to_keep"] = 1
+            if self._hook is not None:  # a forward that never finished (e.g. an OOM retried by Composer)
+                self._hook.remove()
             decoder = self._hf_model().get_decoder()
             self._hook = decoder.register_forward_hook(self._capture_hidden)
         state.batch = forward_batch
