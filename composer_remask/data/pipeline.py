@@ -1,0 +1,158 @@
+"""Rows to encoded examples, chunk by chunk, in this process or in worker processes.
+
+Kept apart from the writer so worker processes import only what encoding needs (numpy, tokenizers,
+the formats), not streaming or transformers. Chunks come back in input order whatever the number
+of workers, so the output does not depend on it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.context
+import os
+import signal
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from composer_remask.data.formats import FIT_TRUNCATED, RoleEncoder, fit_to_length
+from composer_remask.data.sources import DataError, RawRecord, parse_record
+
+
+@dataclass
+class RowOutcome:
+    """What became of one input row: encoded arrays, or why it was skipped."""
+
+    number: int
+    input_ids: np.ndarray | None = None
+    token_roles: np.ndarray | None = None
+    truncated: bool = False
+    skip_reason: str | None = None
+    error: DataError | None = None  # set for bad input (not for over-long drops)
+    origin: str | None = None
+
+
+def encode_chunk(kind: str, records: Sequence[RawRecord], encoder: RoleEncoder, max_seq_len: int,
+                 *, path: str, unit: str) -> list[RowOutcome]:
+    """Parse, validate, tokenize (one batched call) and fit a chunk of rows; one outcome per row."""
+    outcomes: list[RowOutcome] = []
+    valid: list[tuple[RowOutcome, object]] = []
+    for record in records:
+        try:
+            example, origin = parse_record(kind, record, path=path, unit=unit)
+        except DataError as error:
+            outcomes.append(RowOutcome(record.number, skip_reason=error.reason, error=error))
+            continue
+        outcome = RowOutcome(record.number, origin=origin)
+        outcomes.append(outcome)
+        valid.append((outcome, example))
+    encoded = encoder.encode_batch([example for _, example in valid])
+    for (outcome, _), (input_ids, token_roles) in zip(valid, encoded):
+        input_ids, token_roles, fit = fit_to_length(input_ids, token_roles, max_seq_len)
+        if len(input_ids) == 0:
+            outcome.skip_reason = fit
+        else:
+            outcome.input_ids, outcome.token_roles = input_ids, token_roles
+            outcome.truncated = fit == FIT_TRUNCATED
+    return outcomes
+
+
+_worker_encoder: RoleEncoder | None = None
+_worker_max_seq_len = 0
+
+
+def _init_worker(encoder: RoleEncoder, max_seq_len: int) -> None:
+    global _worker_encoder, _worker_max_seq_len
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one Rust thread per worker: processes are the parallelism
+    # Importing composer_remask installs Composer's SIGTERM/SIGINT handlers (sys.exit), which a
+    # worker blocked waiting for tasks may never act on: die on SIGTERM, and leave Ctrl-C to the
+    # parent, which tears the pool down.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _worker_encoder, _worker_max_seq_len = encoder, max_seq_len
+
+
+def _encode_chunk_in_worker(task: tuple[str, str, str, list[RawRecord]]) -> list[RowOutcome]:
+    kind, path, unit, records = task
+    assert _worker_encoder is not None
+    return encode_chunk(kind, records, _worker_encoder, _worker_max_seq_len, path=path, unit=unit)
+
+
+def chunked(records: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]]:
+    chunk: list[RawRecord] = []
+    for record in records:
+        chunk.append(record)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    """``forkserver`` where available: workers fork from a fresh server process that imported this
+    module once (a plain fork would copy the caller's threads, locks and signal handlers; spawn
+    would re-import composer_remask, several seconds, in every worker). Elsewhere ``spawn``."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+class ChunkEncoder:
+    """Encodes chunks in order; with ``workers > 1`` in a pool of worker processes.
+
+    Use as a context manager so the pool is torn down even when the build stops early.
+    """
+
+    def __init__(self, encoder: RoleEncoder, max_seq_len: int, workers: int = 1) -> None:
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.encoder, self.max_seq_len, self.workers = encoder, max_seq_len, workers
+        self._pool = None
+        if workers > 1:
+            context = _pool_context()
+            # Children start with the Rust thread pool off.
+            previous = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            try:
+                self._pool = context.Pool(workers, initializer=_init_worker, initargs=(encoder, max_seq_len))
+            finally:
+                if previous is None:
+                    del os.environ["TOKENIZERS_PARALLELISM"]
+                else:
+                    os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+    def map(self, kind: str, chunks: Iterable[list[RawRecord]], *, path: str,
+            unit: str) -> Iterator[list[RowOutcome]]:
+        if self._pool is None:
+            for chunk in chunks:
+                yield encode_chunk(kind, chunk, self.encoder, self.max_seq_len, path=path, unit=unit)
+        else:
+            # A bounded window of chunks in flight keeps memory flat; results are taken in order.
+            in_flight: deque = deque()
+            for chunk in chunks:
+                in_flight.append(self._pool.apply_async(_encode_chunk_in_worker, ((kind, path, unit, chunk),)))
+                if len(in_flight) >= 2 * self.workers:
+                    yield in_flight.popleft().get()
+            while in_flight:
+                yield in_flight.popleft().get()
+
+    def close(self, *, abort: bool = False) -> None:
+        """Let the workers finish and exit; with ``abort``, kill them (the build failed)."""
+        if self._pool is not None:
+            if abort:
+                self._pool.terminate()
+            else:
+                self._pool.close()
+            self._pool.join()
+            self._pool = None
+
+    def __enter__(self) -> ChunkEncoder:
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.close(abort=exc_type is not None)

@@ -1,0 +1,28 @@
+"""Fixtures of the data-pipeline tests: the committed tiny tokenizer, fixture files, fresh shared memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streaming.base.util import clean_stale_shared_memory
+
+from composer_remask.data.fixtures import TINY_TOKENIZER_DIR, write_source_fixtures
+from composer_remask.data.writer import load_tokenizer
+
+
+@pytest.fixture(scope="session")
+def asset_tokenizer():
+    """The committed assets/tiny-tokenizer, loaded the way `remask-data build` loads tokenizers."""
+    return load_tokenizer(str(TINY_TOKENIZER_DIR))
+
+
+@pytest.fixture(scope="session")
+def fixture_files(tmp_path_factory) -> dict[str, Path]:
+    return write_source_fixtures(tmp_path_factory.mktemp("fixtures"), rows=24, seed=0)
+
+
+@pytest.fixture
+def fresh_shm():
+    """Streaming tests start from clean shared memory (a crashed run can leave some behind)."""
+    clean_stale_shared_memory()
