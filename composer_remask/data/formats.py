@@ -232,6 +232,7 @@ class RoleEncoder:
         backend.no_padding()
         backend.encode_special_tokens = True
         self._backend = backend
+        self._whole_string_backend = None
         self._cache: dict[str, list[int]] = {}
         self._cache["\n"] = self._encode_texts(["\n"])[0]
 
@@ -277,14 +278,15 @@ class RoleEncoder:
 
     def encode_whole_string(self, example: Example) -> list[int]:
         """Ids of the rendered string tokenized in one piece (tags recognized): for comparison."""
-        from tokenizers import Tokenizer
+        if self._whole_string_backend is None:
+            from tokenizers import Tokenizer
 
-        backend = Tokenizer.from_str(self._backend_json)
-        backend.no_truncation()
-        backend.no_padding()
+            self._whole_string_backend = Tokenizer.from_str(self._backend_json)
+            self._whole_string_backend.no_truncation()
+            self._whole_string_backend.no_padding()
+        backend = self._whole_string_backend
         eos_token = backend.id_to_token(self.eos_token_id)
-        return backend.encode(render_text(example_segments(example), eos_token),
-                              add_special_tokens=False).ids
+        return backend.encode(render_text(example_segments(example), eos_token), add_special_tokens=False).ids
 
     def _warn_if_not_whole_string_equivalent(self) -> None:
         probes = [

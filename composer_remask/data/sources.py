@@ -47,7 +47,7 @@ REDDIT_TEXT_COLUMNS = ("post_title", "post_text", "comment_text")
 REDDIT_SCORE_COLUMNS = ("post_scores", "comment_score")
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-SOURCE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+SOURCE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a folder name and a YAML key
 
 # Reasons a row is rejected (keys of the manifest's ``rows_skipped``).
 MALFORMED_JSON = "malformed_json"
@@ -105,7 +105,7 @@ def parse_source_arg(arg: str) -> SourceSpec:
     if not sep or not name or not rest:
         raise ValueError(f"--source {arg!r}: expected NAME=PATH or NAME=KIND:PATH")
     if not SOURCE_NAME_PATTERN.match(name):
-        raise ValueError(f"--source {arg!r}: name {name!r} must be letters, digits, '_', '-' or '.'")
+        raise ValueError(f"--source {arg!r}: name {name!r} must be letters, digits, '_' or '-'")
     kind, colon, path = rest.partition(":")
     if colon and kind in SOURCE_KINDS and path:
         return SourceSpec(name, kind, path)
@@ -219,6 +219,18 @@ class HubReader(RecordReader):
             yield RawRecord(index + 1, row)
 
 
+def _first_significant_byte(path: str) -> bytes:
+    """The first byte after a BOM and whitespace: ``[`` for a JSON array."""
+    with open(path, "rb") as f:
+        head = f.read(3)
+        if head != b"\xef\xbb\xbf":
+            f.seek(0)
+        while byte := f.read(1):
+            if not byte.isspace():
+                return byte
+    return b""
+
+
 def open_records(path: str) -> RecordReader:
     """The reader for a local file (by suffix) or, when no such file exists, a hub dataset."""
     lowered = path.lower()
@@ -233,12 +245,11 @@ def open_records(path: str) -> RecordReader:
     if lowered.endswith(".jsonl"):
         return JsonLinesReader(path)
     if lowered.endswith(".json"):
+        if _first_significant_byte(path) != b"[":
+            return JsonLinesReader(path)
         with open(path, "rb") as f:
-            data = f.read()
-        text = data.decode("utf-8", "surrogateescape").lstrip("\ufeff")
-        if text.lstrip().startswith("["):
-            return JsonArrayReader(path, text)
-        return JsonLinesReader(path)
+            text = f.read().decode("utf-8", "surrogateescape").lstrip("\ufeff")
+        return JsonArrayReader(path, text)
     raise ValueError(f"unsupported input file type (use {', '.join(FILE_SUFFIXES)}): {path}")
 
 
@@ -327,10 +338,20 @@ def _parse_generic(row: dict) -> Example:
                         "row is none of: messages; prompt+response; prompt+rationale+answer")
 
 
+def _origin(value: Any) -> str | None:
+    """A row's sub-source label for the manifest's counts; anything unusable is simply not counted."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value
+
+
 def _parse_row(kind: str, row: dict) -> tuple[Example, str | None]:
     if kind == TINYCOT:
-        origin = row.get("source")
-        return _parse_cot(row, "target"), origin if isinstance(origin, str) else None
+        return _parse_cot(row, "target"), _origin(row.get("source"))
     if kind in (OASST2, JSONL_MESSAGES):
         return _parse_messages(row), None
     if kind == REDDIT:

@@ -12,6 +12,9 @@ stay behind after a kill; delete it). With a remote (``local,remote`` pair or an
 files are uploaded after the local build, each dataset's ``index.json`` after its shards and
 ``manifest.json`` last: a remote is complete when it has a manifest.
 
+Paths in ``streams.yaml`` are ``--out`` as given: a relative ``--out`` gives paths relative to the
+working directory of the build (run training from there, or pass an absolute ``--out``).
+
 Same inputs and options give byte-identical shards, whatever the number of worker processes.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -36,7 +40,7 @@ import numpy as np
 from composer_remask.batch import ROLE_NAMES
 from composer_remask.data.formats import RoleEncoder
 from composer_remask.data.pipeline import ChunkEncoder, RowOutcome, chunked
-from composer_remask.data.sources import SourceSpec, choose_rows, open_records
+from composer_remask.data.sources import SOURCE_NAME_PATTERN, SourceSpec, choose_rows, open_records
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -219,8 +223,9 @@ def build_corpus(
                     shard_size_limit=shard_size_limit)
         manifest = _manifest(tokenizer, tokenizer_name, max_seq_len, stats, seed=seed, on_error=on_error,
                              limits=limits, mix=mix, shard_size_limit=shard_size_limit)
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        (staging / STREAMS_NAME).write_text(streams_yaml(target, [s.name for s in sources], mix))
+        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
+                                             encoding="utf-8")
+        (staging / STREAMS_NAME).write_text(streams_yaml(target, [s.name for s in sources], mix), encoding="utf-8")
         if final is not None:
             _move_into_place(staging, final, overwrite)
             staging = final
@@ -246,6 +251,9 @@ def _check_arguments(sources: Sequence[SourceSpec], limits: dict, mix: dict, on_
     names = [spec.name for spec in sources]
     if not names:
         raise ValueError("no sources given")
+    bad_names = [name for name in names if not SOURCE_NAME_PATTERN.match(name)]
+    if bad_names:
+        raise ValueError(f"source names must be letters, digits, '_' or '-': {bad_names}")
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"duplicate source names: {duplicates}")
@@ -393,17 +401,27 @@ def _move_into_place(staging: Path, final: Path, overwrite: bool) -> None:
         shutil.rmtree(previous, ignore_errors=True)
 
 
-def _upload(local: Path, remote: str, names: Sequence[str]) -> None:
-    """Upload shards, then each index.json, then streams.yaml, and manifest.json last."""
+def _uploader(local: Path, remote: str):
     from streaming.base.storage.upload import CloudUploader
 
+    # exist_ok: the local folder is full on purpose; silence streaming's warning that says so.
+    upload_logger = logging.getLogger("streaming.base.storage.upload")
+    level = upload_logger.level
+    upload_logger.setLevel(logging.ERROR)
+    try:
+        return CloudUploader.get((str(local), remote), keep_local=True, exist_ok=True)
+    finally:
+        upload_logger.setLevel(level)
+
+
+def _upload(local: Path, remote: str, names: Sequence[str]) -> None:
+    """Upload shards, then each index.json, then streams.yaml, and manifest.json last."""
     for name in names:
-        uploader = CloudUploader.get((str(local / name), _join_remote(remote, name)), keep_local=True,
-                                     exist_ok=True)
+        uploader = _uploader(local / name, _join_remote(remote, name))
         index = json.loads((local / name / "index.json").read_text())
         for shard in index["shards"]:
             uploader.upload_file((shard["zip_data"] or shard["raw_data"])["basename"])
         uploader.upload_file("index.json")
-    uploader = CloudUploader.get((str(local), remote), keep_local=True, exist_ok=True)
+    uploader = _uploader(local, remote)
     uploader.upload_file(STREAMS_NAME)
     uploader.upload_file(MANIFEST_NAME)

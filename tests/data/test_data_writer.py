@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -26,17 +27,25 @@ from composer_remask.data.fixtures import (
     write_jsonl,
 )
 from composer_remask.data.sources import DataError, SourceSpec
-from composer_remask.data.writer import BuildError, StreamWeight, build_corpus
+from composer_remask.data.writer import (
+    BuildError,
+    OutputTarget,
+    StreamWeight,
+    build_corpus,
+    parse_out,
+    parse_stream_weight,
+    streams_yaml,
+)
 from tests.data.helpers import decoded_spans, expected_spans_of_row
 
 FIXTURE_KINDS = {"tinycot": "tinycot", "oasst2": "oasst2", "oasst2_parquet": "oasst2", "reddit": "reddit",
                  "generic": "jsonl"}
 
 
-def build(tokenizer, out: Path, sources: dict[str, tuple[str, Path]], **options) -> dict:
+def build(tokenizer, out: Path | str | tuple[str, str], sources: dict[str, tuple[str, Path]], **options) -> dict:
     specs = [SourceSpec(name, kind, str(path)) for name, (kind, path) in sources.items()]
     options.setdefault("progress", False)
-    return build_corpus(specs, tokenizer, str(out), **options)
+    return build_corpus(specs, tokenizer, out if isinstance(out, tuple) else str(out), **options)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -261,3 +270,45 @@ def test_killed_build_leaves_no_complete_looking_output(tmp_path):
     assert not out.exists()
     partial = list(tmp_path.glob(".out.partial-*"))
     assert len(partial) == 1 and not (partial[0] / "manifest.json").exists()
+
+
+def test_remote_only_stream_caches_under_a_stable_local(asset_tokenizer, fixture_files, tmp_path, monkeypatch,
+                                                        fresh_shm):
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    build(asset_tokenizer, (str(local), str(remote)), {"reddit": ("reddit", fixture_files["reddit"])})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    spec = build_dataloader({"streams": {"reddit": {"remote": str(remote / "reddit")}}, "drop_last": False},
+                            asset_tokenizer, device_batch_size=8)
+    assert sum(batch["input_ids"].shape[0] for batch in spec.dataloader) == 24
+    caches = list((tmp_path / "tmp" / "remask-streams").iterdir())
+    assert len(caches) == 1 and (caches[0] / "index.json").exists()
+
+
+def test_output_targets_and_stream_weights_parse_as_documented():
+    assert parse_out("corpus") == OutputTarget("corpus", None)
+    assert parse_out("corpus,s3://bucket/corpus") == OutputTarget("corpus", "s3://bucket/corpus")
+    assert parse_out(("a", "b")) == OutputTarget("a", "b")
+    remote_only = parse_out("gs://bucket/corpus/")
+    assert remote_only == OutputTarget(None, "gs://bucket/corpus/")
+    assert remote_only.stream_paths("tinycot") == {"local": None, "remote": "gs://bucket/corpus/tinycot"}
+    text = streams_yaml(remote_only, ["tinycot"], {"tinycot": parse_stream_weight("choose:7")})
+    assert yaml.safe_load(text) == {"streams": {"tinycot": {"local": None, "remote": "gs://bucket/corpus/tinycot",
+                                                            "choose": 7}}}
+    assert parse_stream_weight("repeat:2.5") == StreamWeight("repeat", 2.5)
+    assert parse_stream_weight("proportion:0.25") == StreamWeight("proportion", 0.25)
+    for bad in ("choose:1.5", "weight:1", "repeat:-1", "choose"):
+        with pytest.raises(ValueError, match="stream weight"):
+            parse_stream_weight(bad)
+
+
+def test_build_options_are_checked_before_any_work(asset_tokenizer, fixture_files, tmp_path):
+    source = ("tinycot", fixture_files["tinycot"])
+    cases = [({"manifest.json": source}, {}, "letters, digits"),
+             ({"a": source, "b": source}, {"limits": {"c": 1}}, "--limit names unknown sources"),
+             ({"a": source, "b": source}, {"mix": {"a": StreamWeight("proportion", 1)}}, "proportion"),
+             ({"a": source}, {"on_error": "ignore"}, "on_error"),
+             ({"a": source}, {"max_seq_len": 1}, "max_seq_len")]
+    for sources, options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            build(asset_tokenizer, tmp_path / "out", sources, **options)
+    assert not (tmp_path / "out").exists()
