@@ -1,0 +1,350 @@
+"""YAML sections -> objects: tokenizer, model, loaders, optimizer, schedule, algorithms, FSDP, logging.
+
+Each builder checks its section against the signature of what it builds, so a misspelt key or a
+wrong type is reported with the recipe's file and the dotted key before anything heavy runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from composer.core import Algorithm, Callback, DataSpec
+from composer.loggers import LoggerDestination
+from composer.utils import dist
+from composer.utils.parallelism import FSDPConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from composer_remask.data.tokenizer import add_remask_tokens
+from composer_remask.train import registry
+from composer_remask.train.config import ConfigError, TrainConfig, check_kwargs, check_type
+from composer_remask.train.model import ComposerCausalLM
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "BatchSizes", "build_algorithms", "build_batch_sizes", "build_callbacks", "build_loaders", "build_loggers",
+    "build_model", "build_optimizer", "build_parallelism_config", "build_scheduler", "build_tokenizer",
+    "hf_causal_lm", "validate_sections",
+]
+
+SHARDING_STRATEGIES_WITH_WHOLE_RANK_SHARDS = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+
+def load_tokenizer(name: str, max_seq_len: int | None = None, kwargs: Mapping[str, Any] | None = None,
+                   ) -> PreTrainedTokenizerBase:
+    """A Hugging Face tokenizer by hub name or local path, with ReMask's special tokens added."""
+    tokenizer = AutoTokenizer.from_pretrained(name, **dict(kwargs or {}))
+    add_remask_tokens(tokenizer)
+    if max_seq_len is not None:
+        tokenizer.model_max_length = max_seq_len
+    return tokenizer
+
+
+def build_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
+    """``tokenizer: {name: <hub id or path>, kwargs: {...}}``."""
+    return load_tokenizer(max_seq_len=cfg.max_seq_len, **cfg.tokenizer)
+
+
+# ---------------------------------------------------------------------------------------- model
+
+def hf_causal_lm(
+    tokenizer: PreTrainedTokenizerBase,
+    init_device: str = "cpu",
+    *,
+    pretrained_model_name_or_path: str | None = None,
+    pretrained: bool = True,
+    config: dict[str, Any] | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    train_metrics: bool = True,
+    pad_vocab_to_multiple_of: int = 64,
+) -> ComposerCausalLM:
+    """A Hugging Face causal LM wrapped for Composer (YAML ``model: {name: hf_causal_lm, ...}``).
+
+    - ``pretrained: true``: weights from ``pretrained_model_name_or_path`` (hub id or folder),
+      the path of the real recipes (``stabilityai/stablelm-3b-4e1t``);
+    - ``pretrained: false``: random weights from a config, either the named model's config or
+      ``config: {model_type: stablelm, hidden_size: ..., ...}`` written out in the YAML;
+    - ``config_overrides``: changes applied to the config in both cases (must be existing keys).
+
+    The embeddings grow (to a multiple of ``pad_vocab_to_multiple_of``) when the tokenizer with
+    ReMask's special tokens is larger than the vocabulary. ``init_device='meta'`` builds the
+    architecture without allocating weights (for inspecting a recipe; it cannot train).
+    """
+    hf_config = _hf_config(pretrained_model_name_or_path, config, trust_remote_code)
+    for key, value in (config_overrides or {}).items():
+        if not hasattr(hf_config, key):
+            raise ConfigError(f"model.config_overrides.{key}: {type(hf_config).__name__} has no such key")
+        setattr(hf_config, key, value)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if pretrained:
+        if pretrained_model_name_or_path is None or config is not None:
+            raise ConfigError("model: pretrained: true loads weights from pretrained_model_name_or_path "
+                              "(and takes no `config`); set pretrained: false for random weights")
+        if init_device == "meta":
+            raise ConfigError("model: init_device 'meta' cannot load pretrained weights")
+        model = AutoModelForCausalLM.from_pretrained(
+            pretrained_model_name_or_path, config=hf_config, trust_remote_code=trust_remote_code, **extra)
+    else:
+        with torch.device(init_device):
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code, **extra)
+    _fit_embeddings(model, tokenizer, pad_vocab_to_multiple_of)
+    return ComposerCausalLM(model, tokenizer, train_metrics=train_metrics)
+
+
+def _hf_config(name_or_path: str | None, config: dict[str, Any] | None, trust_remote_code: bool) -> Any:
+    if config is not None:
+        config = dict(config)
+        model_type = config.pop("model_type", None)
+        if model_type is None:
+            raise ConfigError("model.config.model_type: missing required value (e.g. stablelm, llama)")
+        try:
+            return AutoConfig.for_model(model_type, **config)
+        except ValueError as error:
+            raise ConfigError(f"model.config.model_type: {error}") from error
+    if name_or_path is None:
+        raise ConfigError("model: set pretrained_model_name_or_path, or `config` with a model_type")
+    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def _fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, multiple: int) -> None:
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple)
+        log.info("resized the embeddings from %d to %d rows for the tokenizer's %d tokens",
+                 rows, model.get_input_embeddings().num_embeddings, len(tokenizer))
+
+
+def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, init_device: str = "cpu") -> ComposerCausalLM:
+    section = dict(cfg.model)
+    builder = registry.models.get(section.pop("name"))
+    return builder(tokenizer, init_device, **section)
+
+
+# -------------------------------------------------------------------------------------- loaders
+
+@dataclasses.dataclass(frozen=True)
+class BatchSizes:
+    world_size: int
+    device_train_batch_size: int
+    device_train_microbatch_size: int | str
+    device_eval_batch_size: int
+
+
+def build_batch_sizes(cfg: TrainConfig, world_size: int | None = None) -> BatchSizes:
+    """Split ``global_train_batch_size`` over the ranks; the microbatch never exceeds the device batch."""
+    world_size = world_size or dist.get_world_size()
+    if cfg.global_train_batch_size <= 0 or cfg.global_train_batch_size % world_size:
+        raise ConfigError(f"{cfg.where('global_train_batch_size')}: {cfg.global_train_batch_size} must be a "
+                          f"positive multiple of the number of processes ({world_size})")
+    device_batch = cfg.global_train_batch_size // world_size
+    micro = cfg.device_train_microbatch_size
+    if micro is None:
+        micro = device_batch
+    elif isinstance(micro, str):
+        if micro != "auto":
+            raise ConfigError(f"{cfg.where('device_train_microbatch_size')}: expected an int or 'auto', got {micro!r}")
+    elif micro <= 0:
+        raise ConfigError(f"{cfg.where('device_train_microbatch_size')}: must be positive, got {micro}")
+    elif micro > device_batch:
+        warnings.warn(f"device_train_microbatch_size {micro} > device batch {device_batch} "
+                      f"({cfg.global_train_batch_size} / {world_size} processes); using {device_batch}", stacklevel=2)
+        micro = device_batch
+    eval_batch = cfg.device_eval_batch_size or (micro if isinstance(micro, int) else device_batch)
+    return BatchSizes(world_size, device_batch, micro, eval_batch)
+
+
+def build_loaders(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase,
+                  sizes: BatchSizes) -> tuple[DataSpec, DataSpec | None]:
+    """Train (and optional eval) loaders from the ``train_loader`` / ``eval_loader`` sections."""
+    from composer_remask.data.dataset import build_dataloader
+
+    def section(key: str) -> dict[str, Any]:
+        loader_cfg = dict(getattr(cfg, key))
+        loader_cfg.setdefault("max_seq_len", cfg.max_seq_len)
+        return loader_cfg
+
+    def build(key: str, batch_size: int) -> DataSpec:
+        try:
+            return build_dataloader(section(key), tokenizer, batch_size)
+        except ConfigError:
+            raise
+        except (KeyError, TypeError, ValueError, FileNotFoundError) as error:
+            raise ConfigError(f"{cfg.where(key)}: {error}") from error
+
+    train = build("train_loader", sizes.device_train_batch_size)
+    evaluation = build("eval_loader", sizes.device_eval_batch_size) if cfg.eval_loader else None
+    return train, evaluation
+
+
+# ---------------------------------------------------------------------------- optimizer, schedule
+
+def _name_and_kwargs(section: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
+    kwargs = dict(section)
+    name = kwargs.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}.name: missing required value (the registered name)")
+    return name, kwargs
+
+
+def _lookup(reg: registry.Registry, name: str, where: str) -> Any:
+    try:
+        return reg.get(name)
+    except registry.UnknownNameError as error:
+        raise ConfigError(f"{where}: {error}") from None
+
+
+def lilith_is_sharded(cfg: TrainConfig, use_fsdp: bool) -> bool:
+    """Whether Lilith must all-reduce its trust-ratio norms (FSDP shards every tensor across ranks)."""
+    if not use_fsdp or not cfg.fsdp_config:
+        return False
+    strategy = str(cfg.fsdp_config.get("sharding_strategy", "FULL_SHARD")).upper()
+    if strategy not in SHARDING_STRATEGIES_WITH_WHOLE_RANK_SHARDS:
+        raise ConfigError(f"{cfg.where('fsdp_config.sharding_strategy')}: Lilith needs whole-tensor norms; "
+                          f"{strategy} is not supported with it, use FULL_SHARD or SHARD_GRAD_OP")
+    if not cfg.fsdp_config.get("use_orig_params", True):
+        raise ConfigError(f"{cfg.where('fsdp_config.use_orig_params')}: Lilith works per tensor and needs "
+                          "use_orig_params: true")
+    return strategy != "NO_SHARD"
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, use_fsdp: bool = False) -> torch.optim.Optimizer:
+    name, kwargs = _name_and_kwargs(cfg.optimizer, cfg.where("optimizer"))
+    optimizer_class = _lookup(registry.optimizers, name, cfg.where("optimizer.name"))
+    if name == "lilith" and "sharded" not in kwargs:
+        kwargs["sharded"] = lilith_is_sharded(cfg, use_fsdp)
+    return optimizer_class(model.parameters(), **kwargs)
+
+
+def build_scheduler(cfg: TrainConfig) -> Any:
+    section = cfg.scheduler or {"name": "constant"}
+    name, kwargs = _name_and_kwargs(section, cfg.where("scheduler"))
+    return _lookup(registry.schedulers, name, cfg.where("scheduler.name"))(**kwargs)
+
+
+# ----------------------------------------------------------------- algorithms, callbacks, loggers
+
+def _named_sections(cfg: TrainConfig, key: str) -> dict[str, dict[str, Any]]:
+    section = getattr(cfg, key) or {}
+    for name, kwargs in section.items():
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise ConfigError(f"{cfg.where(f'{key}.{name}')}: expected a mapping of arguments, got {kwargs!r}")
+    return {name: dict(kwargs or {}) for name, kwargs in section.items()}
+
+
+def algorithm_kwargs(cfg: TrainConfig, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """ReMask's ``loss_weighting`` follows ``accumulate_train_batch_on_tokens`` unless the recipe sets it."""
+    if name == "remask" and "loss_weighting" not in kwargs:
+        kwargs = {**kwargs, "loss_weighting": "tokens" if cfg.accumulate_train_batch_on_tokens else "samples"}
+    return kwargs
+
+
+def build_algorithms(cfg: TrainConfig) -> list[Algorithm]:
+    return [_lookup(registry.algorithms, name, cfg.where(f"algorithms.{name}"))(**algorithm_kwargs(cfg, name, kw))
+            for name, kw in _named_sections(cfg, "algorithms").items()]
+
+
+def build_callbacks(cfg: TrainConfig) -> list[Callback]:
+    return [_lookup(registry.callbacks, name, cfg.where(f"callbacks.{name}"))(**kwargs)
+            for name, kwargs in _named_sections(cfg, "callbacks").items()]
+
+
+def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
+    return [_lookup(registry.loggers, name, cfg.where(f"loggers.{name}"))(**kwargs)
+            for name, kwargs in _named_sections(cfg, "loggers").items()]
+
+
+# ------------------------------------------------------------------------------------------ FSDP
+
+def build_parallelism_config(cfg: TrainConfig, cuda_available: bool | None = None) -> dict[str, Any] | None:
+    """``fsdp_config`` -> ``Trainer(parallelism_config={'fsdp': ...})`` where FSDP can run (CUDA).
+
+    FSDP (v1) needs CUDA; on a CPU machine the section is ignored with a warning, so the same
+    recipe still trains there with DDP (``composer -n 2``).
+    """
+    if not cfg.fsdp_config:
+        return None
+    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if not cuda_available:
+        warnings.warn("fsdp_config is ignored: FSDP needs CUDA GPUs; training with DDP instead", stacklevel=2)
+        return None
+    return {"fsdp": dict(cfg.fsdp_config)}
+
+
+# ---------------------------------------------------------------------------------- validation
+
+def validate_sections(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
+    """Check every section's keys and types against what it builds; cheap, imports no weights."""
+    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
+
+    check_kwargs(load_tokenizer, cfg.tokenizer, cfg.where("tokenizer"), skip=("max_seq_len",))
+
+    model = dict(cfg.model)
+    model_name = model.pop("name", None)
+    if model_name is None:
+        raise ConfigError(f"{cfg.where('model.name')}: missing required value (e.g. hf_causal_lm)")
+    check_kwargs(_lookup(registry.models, model_name, cfg.where("model.name")), model, cfg.where("model"),
+                 skip=("tokenizer", "init_device"))
+
+    name, kwargs = _name_and_kwargs(cfg.optimizer, cfg.where("optimizer"))
+    check_kwargs(_lookup(registry.optimizers, name, cfg.where("optimizer.name")), kwargs, cfg.where("optimizer"),
+                 skip=("params",))
+    if cfg.scheduler is not None:
+        name, kwargs = _name_and_kwargs(cfg.scheduler, cfg.where("scheduler"))
+        check_kwargs(_lookup(registry.schedulers, name, cfg.where("scheduler.name")), kwargs,
+                     cfg.where("scheduler"))
+    for key, reg in (("algorithms", registry.algorithms), ("callbacks", registry.callbacks),
+                     ("loggers", registry.loggers)):
+        for name, kwargs in _named_sections(cfg, key).items():
+            target = _lookup(reg, name, cfg.where(f"{key}.{name}"))
+            check_kwargs(target, kwargs, cfg.where(f"{key}.{name}"))
+
+    if cfg.fsdp_config:
+        fields = {f.name: f for f in dataclasses.fields(FSDPConfig) if f.init and not f.name.startswith("_")}
+        hints = _fsdp_hints()
+        for key, value in cfg.fsdp_config.items():
+            if key not in fields:
+                raise ConfigError(f"{cfg.where(f'fsdp_config.{key}')}: unknown key. Known keys: {', '.join(fields)}")
+            problem = check_type(value, hints.get(key, Any))
+            if problem:
+                raise ConfigError(f"{cfg.where(f'fsdp_config.{key}')}: {problem}")
+        if cfg.optimizer.get("name") == "lilith":
+            lilith_is_sharded(cfg, use_fsdp=True)
+
+    if not cuda_available and cfg.precision != "fp32":
+        raise ConfigError(f"{cfg.where('precision')}: {cfg.precision!r} needs a CUDA GPU; on CPU use "
+                          "precision=fp32")
+    if not cuda_available and cfg.device_train_microbatch_size == "auto":
+        raise ConfigError(f"{cfg.where('device_train_microbatch_size')}: 'auto' needs a CUDA GPU; set a number")
+    if cfg.autoresume and not (cfg.save_folder and cfg.run_name):
+        raise ConfigError(f"{cfg.where('autoresume')}: autoresume needs both save_folder and run_name")
+    for path in cfg.code_paths or []:
+        if not Path(path).is_file():
+            raise ConfigError(f"{cfg.where('code_paths')}: no such file {path!r}")
+
+
+def _fsdp_hints() -> dict[str, Any]:
+    import typing
+
+    try:
+        return typing.get_type_hints(FSDPConfig)
+    except Exception:
+        return {}
+
+
+registry.models.register("hf_causal_lm", hf_causal_lm)

@@ -1,0 +1,262 @@
+"""Training YAML -> a validated :class:`TrainConfig`, before anything heavy starts.
+
+The shape follows llm-foundry's ``train.py``: one YAML file, ``variables`` for values that other
+keys interpolate (``${variables.data_dir}``), and ``key=value`` overrides from the command line
+(``max_duration=10ba``, ``optimizer.lr=2e-5``, ``~algorithms.remask`` to remove a key). Every error names the file (or the command-line
+override) and the dotted key: unknown keys, wrong types, missing required values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = ["ConfigError", "TrainConfig", "load_config", "check_kwargs", "check_type"]
+
+REQUIRED: Any = dataclasses.MISSING
+
+
+class ConfigError(ValueError):
+    """The recipe is wrong; the message names where (file or override) and which key."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Top-level keys of a training YAML (sections stay plain dicts, checked by their builders)."""
+
+    # Required.
+    model: dict[str, Any]
+    tokenizer: dict[str, Any]
+    train_loader: dict[str, Any]
+    optimizer: dict[str, Any]
+    max_duration: str | int
+    max_seq_len: int
+    global_train_batch_size: int
+
+    # Schedule, evaluation, algorithms.
+    scheduler: dict[str, Any] | None = None
+    algorithms: dict[str, Any] | None = None
+    eval_loader: dict[str, Any] | None = None
+    eval_interval: str | int = "1ep"
+    eval_first: bool = False
+    eval_subset_num_batches: int = -1
+    device_eval_batch_size: int | None = None
+
+    # Batching and numerics.
+    device_train_microbatch_size: int | str | None = None
+    accumulate_train_batch_on_tokens: bool = False
+    precision: str = "fp32"
+    fsdp_config: dict[str, Any] | None = None
+    seed: int = 17
+    dist_timeout: float = 600.0
+
+    # Monitoring.
+    run_name: str | None = None
+    progress_bar: bool = True
+    log_to_console: bool = False
+    console_log_interval: str | int = "10ba"
+    python_log_level: str | None = None
+    callbacks: dict[str, Any] | None = None
+    loggers: dict[str, Any] | None = None
+
+    # Checkpoints and export.
+    save_folder: str | None = None
+    save_interval: str | int = "1ep"
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    save_weights_only: bool = False
+    autoresume: bool = False
+    load_path: str | None = None
+    load_weights_only: bool = False
+    export_folder: str | None = None
+    export_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+    # User code that registers its own entries, and free values for interpolation.
+    code_paths: list[str] | None = None
+    variables: dict[str, Any] | None = None
+
+    # Where the values came from (not a YAML key).
+    source: str = dataclasses.field(default="<dict>", repr=False)
+
+    def where(self, key: str) -> str:
+        return f"{self.source}: {key}"
+
+
+TOP_LEVEL_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "source")
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a recipe, apply ``key=value`` overrides, resolve interpolation and validate the top level."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such recipe file")
+    try:
+        base = OmegaConf.load(path)
+    except Exception as error:  # yaml.YAMLError and friends, with line numbers in the message
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(base, DictConfig):
+        raise ConfigError(f"{path}: the recipe must be a mapping of keys to values")
+    deletions = [item[1:] for item in overrides if item.startswith("~")]
+    assignments = [item for item in overrides if not item.startswith("~")]
+    for item in assignments:
+        if "=" not in item:
+            raise ConfigError(f"command line: override {item!r} must look like key=value (e.g. max_duration=10ba) "
+                              "or ~key to remove a key")
+    try:
+        override_cfg = OmegaConf.from_dotlist(assignments)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"command line: cannot parse overrides {assignments}: {error}") from error
+    merged = OmegaConf.merge(base, override_cfg)
+    assert isinstance(merged, DictConfig)
+    for key in deletions:
+        parent_key, _, leaf = key.rpartition(".")
+        parent = OmegaConf.select(merged, parent_key) if parent_key else merged
+        if not isinstance(parent, DictConfig) or leaf not in parent:
+            raise ConfigError(f"command line override '~{key}': {path} has no key {key!r} to remove")
+        del parent[leaf]
+    return config_from_omegaconf(merged, source=str(path), overridden=_dotted_keys(override_cfg) | set(deletions))
+
+
+def config_from_omegaconf(cfg: DictConfig, source: str = "<dict>",
+                          overridden: set[str] | None = None) -> TrainConfig:
+    """Validate an already-merged OmegaConf tree (used by :func:`load_config` and by tests)."""
+    overridden = overridden or set()
+
+    def where(key: str) -> str:
+        hit = next((k for k in sorted(overridden) if key == k or key.startswith(k + ".") or k.startswith(key + ".")),
+                   None)
+        return f"command line override {hit!r}" if hit else source
+
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(f"{where(missing[0])}: {missing[0]}: missing required value ('???')")
+        raw = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as error:
+        key = str(getattr(error, "full_key", None) or "?")
+        raise ConfigError(f"{where(key)}: {key}: {getattr(error, 'msg', error)}") from error
+    assert isinstance(raw, dict)
+
+    known = set(TOP_LEVEL_KEYS)
+    for key in raw:
+        if key not in known:
+            raise ConfigError(
+                f"{where(str(key))}: unknown top-level key {key!r}. Known keys: {', '.join(TOP_LEVEL_KEYS)}. "
+                "To define a value for interpolation, put it under `variables:` and refer to it as "
+                f"${{variables.{key}}}.")
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "source":
+            continue
+        if field.name not in raw:
+            if field.default is REQUIRED and field.default_factory is REQUIRED:
+                raise ConfigError(f"{source}: {field.name}: missing required value")
+            continue
+        problem = check_type(raw[field.name], hints[field.name])
+        if problem:
+            raise ConfigError(f"{where(field.name)}: {field.name}: {problem}")
+    config = TrainConfig(**raw, source=source)
+    config.source = source if not overridden else f"{source} (with command-line overrides {sorted(overridden)})"
+    return config
+
+
+def _dotted_keys(cfg: Any, prefix: str = "") -> set[str]:
+    if not isinstance(cfg, DictConfig):
+        return {prefix} if prefix else set()
+    keys: set[str] = set()
+    for key in cfg:
+        child = f"{prefix}.{key}" if prefix else str(key)
+        value = cfg._get_node(key)
+        keys |= _dotted_keys(value, child) if isinstance(value, DictConfig) and len(value) else {child}
+    return keys
+
+
+# --------------------------------------------------------------------------------- type checking
+
+def _describe(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    if annotation is Any or annotation is inspect.Parameter.empty:
+        return True
+    if annotation is None or annotation is type(None):
+        return value is None
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(annotation))
+    if origin is Literal:
+        return value in typing.get_args(annotation)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    container = origin or annotation
+    if container in (list, tuple, Sequence, typing.Sequence, set):
+        if not isinstance(value, (list, tuple)):
+            return False
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        return not args or all(_matches(item, args[0]) for item in value)
+    if container in (dict, Mapping, typing.Mapping):
+        return isinstance(value, dict)
+    # Classes a YAML value cannot be (devices, object stores, Time, ...): the callee converts or
+    # rejects them itself, so do not second-guess it here.
+    return True
+
+
+def check_type(value: Any, annotation: Any) -> str | None:
+    """``None`` if ``value`` fits ``annotation``, else a message like ``expected int, got 'x' (str)``."""
+    if _matches(value, annotation):
+        return None
+    return f"expected {_describe(annotation)}, got {value!r} ({type(value).__name__})"
+
+
+def check_kwargs(target: Callable[..., Any], kwargs: Mapping[str, Any], where: str,
+                 skip: Sequence[str] = ()) -> None:
+    """Check YAML keyword arguments against ``target``'s signature: unknown, missing, wrong type.
+
+    ``where`` prefixes every message (``"recipe.yaml: optimizer"``); ``skip`` names parameters
+    the builder fills in itself (``params`` of an optimizer).
+    """
+    signature = inspect.signature(target)
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # unresolvable forward references: check names only
+        hints = {}
+    parameters = {name: p for name, p in signature.parameters.items()
+                  if name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    accepts_any = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
+    for key, value in kwargs.items():
+        if key in skip:
+            raise ConfigError(f"{where}.{key}: set by the trainer, remove it from the recipe")
+        if key not in parameters:
+            if accepts_any:
+                continue
+            raise ConfigError(f"{where}.{key}: unknown key. Known keys: {', '.join(parameters) or '(none)'}")
+        problem = check_type(value, hints.get(key, parameters[key].annotation))
+        if problem:
+            raise ConfigError(f"{where}.{key}: {problem}")
+    for name, parameter in parameters.items():
+        if parameter.default is inspect.Parameter.empty and name not in kwargs:
+            raise ConfigError(f"{where}.{name}: missing required value")

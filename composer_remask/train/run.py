@@ -1,0 +1,153 @@
+"""``composer train.py RECIPE.yaml [key=value ...]``: the whole training story, top to bottom.
+
+1. read and validate the recipe (nothing heavy yet);
+2. tokenizer, data, model, optimizer, schedule, algorithms, callbacks, loggers;
+3. ``Trainer.fit()`` with checkpoints and autoresume;
+4. export a Hugging Face folder and print a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from composer import Trainer
+from composer.utils import dist, reproducibility
+
+from composer_remask.export import export_model
+from composer_remask.train.builders import (
+    build_algorithms,
+    build_batch_sizes,
+    build_callbacks,
+    build_loaders,
+    build_loggers,
+    build_model,
+    build_optimizer,
+    build_parallelism_config,
+    build_scheduler,
+    build_tokenizer,
+    validate_sections,
+)
+from composer_remask.train.config import ConfigError, TrainConfig, load_config
+from composer_remask.train.report import RunReport, RunSummary, latest_checkpoint
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_trainer", "import_code_paths", "main", "train"]
+
+
+def import_code_paths(paths: Sequence[str]) -> None:
+    """Import user files (``code_paths``) so that they can register their own entries."""
+    for index, path in enumerate(paths):
+        spec = importlib.util.spec_from_file_location(f"remask_user_code_{index}", path)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"code_paths: cannot import {path!r}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+
+
+def build_trainer(cfg: TrainConfig) -> tuple[Trainer, RunReport]:
+    """Every object of the recipe, then the Trainer (which starts the process group)."""
+    import_code_paths(cfg.code_paths or [])
+    validate_sections(cfg)
+    reproducibility.seed_all(cfg.seed)  # random-init weights depend on the recipe's seed
+
+    tokenizer = build_tokenizer(cfg)
+    sizes = build_batch_sizes(cfg)
+    train_loader, eval_loader = build_loaders(cfg, tokenizer, sizes)
+    parallelism_config = build_parallelism_config(cfg)
+    model = build_model(cfg, tokenizer)
+    optimizer = build_optimizer(cfg, model, use_fsdp=parallelism_config is not None)
+    report = RunReport(cfg.console_log_interval)
+
+    trainer = Trainer(
+        model=model,
+        train_dataloader=train_loader,
+        eval_dataloader=eval_loader,
+        eval_interval=cfg.eval_interval if eval_loader is not None else 1,
+        eval_subset_num_batches=cfg.eval_subset_num_batches if eval_loader is not None else -1,
+        max_duration=cfg.max_duration,
+        optimizers=optimizer,
+        schedulers=build_scheduler(cfg),
+        algorithms=build_algorithms(cfg),
+        callbacks=[*build_callbacks(cfg), report],
+        loggers=build_loggers(cfg),
+        run_name=cfg.run_name,
+        progress_bar=cfg.progress_bar,
+        log_to_console=cfg.log_to_console,
+        console_log_interval=cfg.console_log_interval,
+        python_log_level=cfg.python_log_level,
+        save_folder=cfg.save_folder,
+        save_interval=cfg.save_interval,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        save_overwrite=cfg.save_overwrite,
+        save_weights_only=cfg.save_weights_only,
+        autoresume=cfg.autoresume,
+        load_path=cfg.load_path,
+        load_weights_only=cfg.load_weights_only,
+        parallelism_config=parallelism_config,
+        precision=cfg.precision,
+        device_train_microbatch_size=sizes.device_train_microbatch_size,
+        accumulate_train_batch_on_tokens=cfg.accumulate_train_batch_on_tokens,
+        seed=cfg.seed,
+        dist_timeout=cfg.dist_timeout,
+    )
+    return trainer, report
+
+
+def train(cfg: TrainConfig) -> RunSummary:
+    """Train the recipe, export it, and return the summary (printed on rank 0)."""
+    trainer, report = build_trainer(cfg)
+    try:
+        if cfg.eval_first and trainer.state.evaluators and int(trainer.state.timestamp.batch) == 0:
+            trainer.eval()
+        trainer.fit()
+        export = None
+        if cfg.export_folder:
+            exported = export_model(trainer.state.model, cfg.export_folder, cfg.export_dtype)
+            export = str(exported) if exported is not None else cfg.export_folder
+        state = trainer.state
+        summary = RunSummary(
+            run_name=state.run_name,
+            batches=int(state.timestamp.batch),
+            epochs=int(state.timestamp.epoch),
+            samples=int(state.timestamp.sample),
+            wall_seconds=report.wall_seconds(),
+            final_losses=report.mean_losses(),
+            last_lr=report.last_lr,
+            eval_metrics={name: float(value) for name, value in state.eval_metric_values.items()},
+            checkpoint=latest_checkpoint(trainer.saved_checkpoints, cfg.save_folder),
+            export_folder=export,
+            window=len(report.recent),
+        )
+        if dist.get_global_rank() == 0:
+            print(summary.format(), flush=True)
+            if cfg.save_folder:
+                Path(cfg.save_folder).mkdir(parents=True, exist_ok=True)
+                (Path(cfg.save_folder) / "summary.json").write_text(json.dumps(summary.as_dict(), indent=2))
+        return summary
+    finally:
+        trainer.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Train a recipe: composer train.py RECIPE.yaml [key=value ...] (or python train.py ...)",
+    )
+    parser.add_argument("recipe", help="training YAML, e.g. yamls/tiny_cpu.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_duration=10ba optimizer.lr=2e-5")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        train(cfg)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
