@@ -1,8 +1,7 @@
 """Rows to encoded examples, chunk by chunk, in this process or in worker processes.
 
-Kept apart from the writer so worker processes import only what encoding needs (numpy, tokenizers,
-the formats), not streaming or transformers. Chunks come back in input order whatever the number
-of workers, so the output does not depend on it.
+Chunks come back in input order whatever the number of workers, so the output does not depend on
+it. Kept apart from the writer: workers never need streaming or the MDS writer.
 """
 
 from __future__ import annotations
@@ -13,6 +12,8 @@ import os
 import signal
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,12 +93,17 @@ def chunked(records: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
-    """``forkserver`` where available: workers fork from a fresh server process that imported this
-    module once (a plain fork would copy the caller's threads, locks and signal handlers; spawn
-    would re-import composer_remask, several seconds, in every worker). Elsewhere ``spawn``."""
+    """``forkserver`` where available, else ``spawn``.
+
+    Workers fork from a fresh server process that imported this module (and the caller's main
+    script) once: a plain fork would copy the caller's threads, locks and signal handlers, and
+    spawn would re-import composer_remask (and Composer, seconds) in every worker. As with any
+    multiprocessing, a script that builds with ``workers > 1`` needs an
+    ``if __name__ == "__main__":`` guard; the ``remask-data`` command has one.
+    """
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
+        context.set_forkserver_preload(["__main__", __name__])
         return context
     return multiprocessing.get_context("spawn")
 
@@ -105,51 +111,43 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 class ChunkEncoder:
     """Encodes chunks in order; with ``workers > 1`` in a pool of worker processes.
 
-    Use as a context manager so the pool is torn down even when the build stops early.
+    Use as a context manager so the pool is shut down even when the build stops early. A worker
+    that dies (killed, out of memory) fails the build instead of hanging it.
     """
 
     def __init__(self, encoder: RoleEncoder, max_seq_len: int, workers: int = 1) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.encoder, self.max_seq_len, self.workers = encoder, max_seq_len, workers
-        self._pool = None
+        self._executor: ProcessPoolExecutor | None = None
         if workers > 1:
-            context = _pool_context()
-            # Children start with the Rust thread pool off.
-            previous = os.environ.get("TOKENIZERS_PARALLELISM")
-            os.environ["TOKENIZERS_PARALLELISM"] = "false"
-            try:
-                self._pool = context.Pool(workers, initializer=_init_worker, initargs=(encoder, max_seq_len))
-            finally:
-                if previous is None:
-                    del os.environ["TOKENIZERS_PARALLELISM"]
-                else:
-                    os.environ["TOKENIZERS_PARALLELISM"] = previous
+            self._executor = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker,
+                                                 initargs=(encoder, max_seq_len))
 
     def map(self, kind: str, chunks: Iterable[list[RawRecord]], *, path: str,
             unit: str) -> Iterator[list[RowOutcome]]:
-        if self._pool is None:
+        if self._executor is None:
             for chunk in chunks:
                 yield encode_chunk(kind, chunk, self.encoder, self.max_seq_len, path=path, unit=unit)
-        else:
-            # A bounded window of chunks in flight keeps memory flat; results are taken in order.
-            in_flight: deque = deque()
+            return
+        # A bounded window of chunks in flight keeps memory flat; results are taken in order.
+        in_flight: deque[Future] = deque()
+        try:
             for chunk in chunks:
-                in_flight.append(self._pool.apply_async(_encode_chunk_in_worker, ((kind, path, unit, chunk),)))
+                in_flight.append(self._executor.submit(_encode_chunk_in_worker, (kind, path, unit, chunk)))
                 if len(in_flight) >= 2 * self.workers:
-                    yield in_flight.popleft().get()
+                    yield in_flight.popleft().result()
             while in_flight:
-                yield in_flight.popleft().get()
+                yield in_flight.popleft().result()
+        except BrokenProcessPool as error:
+            raise RuntimeError("a tokenizer worker process died (killed, out of memory, or a script without "
+                               "an `if __name__ == '__main__':` guard); retry with fewer --workers") from error
 
     def close(self, *, abort: bool = False) -> None:
-        """Let the workers finish and exit; with ``abort``, kill them (the build failed)."""
-        if self._pool is not None:
-            if abort:
-                self._pool.terminate()
-            else:
-                self._pool.close()
-            self._pool.join()
-            self._pool = None
+        """Wait for the workers to exit; with ``abort``, drop the chunks not yet started."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=abort)
+            self._executor = None
 
     def __enter__(self) -> ChunkEncoder:
         return self

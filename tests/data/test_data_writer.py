@@ -26,7 +26,9 @@ from composer_remask.data.fixtures import (
     tinycot_rows,
     write_jsonl,
 )
-from composer_remask.data.sources import DataError, SourceSpec
+from composer_remask.data.formats import RoleEncoder
+from composer_remask.data.pipeline import ChunkEncoder
+from composer_remask.data.sources import DataError, RawRecord, SourceSpec
 from composer_remask.data.writer import (
     BuildError,
     OutputTarget,
@@ -312,3 +314,19 @@ def test_build_options_are_checked_before_any_work(asset_tokenizer, fixture_file
         with pytest.raises(ValueError, match=message):
             build(asset_tokenizer, tmp_path / "out", sources, **options)
     assert not (tmp_path / "out").exists()
+
+
+class _DiesWhenUnpickled:
+    """A payload that kills the worker process that receives it (as the OOM killer would)."""
+
+    def __reduce__(self):
+        return (os._exit, (3,))
+
+
+def test_a_dead_worker_fails_the_build_instead_of_hanging_it(asset_tokenizer):
+    records = [RawRecord(1, b'{"prompt": "p", "response": "r"}'), RawRecord(2, _DiesWhenUnpickled())]
+    with ChunkEncoder(RoleEncoder(asset_tokenizer), 64, workers=2) as encoder:
+        results = encoder.map("jsonl", [records[:1], records[1:]], path="x.jsonl", unit="line")
+        assert next(results)[0].input_ids is not None
+        with pytest.raises(RuntimeError, match="worker process died"):
+            next(results)
