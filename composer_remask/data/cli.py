@@ -37,7 +37,7 @@ def _size_arg(text: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="remask-data", description=__doc__.split("\n\n")[0].strip("`"))
+    parser = argparse.ArgumentParser(prog="remask-data", description="Build the ReMask MDS corpus and look at it.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser("build", help="write one MDS dataset per source, a manifest and streams.yaml")
