@@ -11,6 +11,7 @@ gathered on rank 0), or afterwards from a Composer checkpoint: a ``.pt`` file (F
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 import tempfile
@@ -38,6 +39,8 @@ def save_hf_folder(config: PretrainedConfig, state_dict: Mapping[str, torch.Tens
     the weights is allocated. Every parameter of the architecture must be present.
     """
     out_dir = Path(out_dir)
+    config = copy.deepcopy(config)
+    config.use_cache = True  # training turns the KV cache off; generation wants it
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     result = model.load_state_dict(dict(state_dict), strict=False, assign=True)

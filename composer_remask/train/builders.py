@@ -44,19 +44,19 @@ SHARDING_STRATEGIES_WITH_WHOLE_RANK_SHARDS = ("FULL_SHARD", "SHARD_GRAD_OP", "NO
 
 # ------------------------------------------------------------------------------------ tokenizer
 
-def load_tokenizer(name: str, max_seq_len: int | None = None, kwargs: Mapping[str, Any] | None = None,
-                   ) -> PreTrainedTokenizerBase:
-    """A Hugging Face tokenizer by hub name or local path, with ReMask's special tokens added."""
+def load_tokenizer(name: str, kwargs: Mapping[str, Any] | None = None) -> PreTrainedTokenizerBase:
+    """A Hugging Face tokenizer by hub name or local path, with ReMask's special tokens added.
+
+    A relative path is read from the working directory (run from the repository root).
+    """
     tokenizer = AutoTokenizer.from_pretrained(name, **dict(kwargs or {}))
     add_remask_tokens(tokenizer)
-    if max_seq_len is not None:
-        tokenizer.model_max_length = max_seq_len
     return tokenizer
 
 
 def build_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     """``tokenizer: {name: <hub id or path>, kwargs: {...}}``."""
-    return load_tokenizer(max_seq_len=cfg.max_seq_len, **cfg.tokenizer)
+    return load_tokenizer(**cfg.tokenizer)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -104,6 +104,7 @@ def hf_causal_lm(
         with torch.device(init_device):
             model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code, **extra)
     _fit_embeddings(model, tokenizer, pad_vocab_to_multiple_of)
+    model.config.use_cache = False  # no KV cache while training (the export turns it back on)
     return ComposerCausalLM(model, tokenizer, train_metrics=train_metrics)
 
 
@@ -292,7 +293,7 @@ def validate_sections(cfg: TrainConfig, cuda_available: bool | None = None) -> N
     """Check every section's keys and types against what it builds; cheap, imports no weights."""
     cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
 
-    check_kwargs(load_tokenizer, cfg.tokenizer, cfg.where("tokenizer"), skip=("max_seq_len",))
+    check_kwargs(load_tokenizer, cfg.tokenizer, cfg.where("tokenizer"))
 
     model = dict(cfg.model)
     model_name = model.pop("name", None)

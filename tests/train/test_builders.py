@@ -35,7 +35,7 @@ def test_tiny_recipe_builds_every_object(sample_corpus, tmp_path):
     cfg = load_config(TINY_RECIPE, tiny_overrides(sample_corpus, tmp_path))
     validate_sections(cfg)
     tokenizer = build_tokenizer(cfg)
-    assert tokenizer.model_max_length == 256 and "<|mask|>" in tokenizer.get_vocab()
+    assert "<|mask|>" in tokenizer.get_vocab()
     sizes = build_batch_sizes(cfg, world_size=1)
     train, evaluation = build_loaders(cfg, tokenizer, sizes)
     batch = next(iter(train.dataloader))
@@ -43,7 +43,7 @@ def test_tiny_recipe_builds_every_object(sample_corpus, tmp_path):
     assert {"input_ids", "attention_mask", "labels", "token_roles"} <= set(batch)
     assert evaluation is not None
     model = build_model(cfg, tokenizer)
-    assert 3_000_000 < model.num_parameters < 6_000_000
+    assert 3_000_000 < model.num_parameters < 6_000_000 and not model.config.use_cache
     assert model.model.get_input_embeddings().num_embeddings >= len(tokenizer)
     optimizer = build_optimizer(cfg, model)
     assert isinstance(optimizer, Lilith) and not optimizer.sharded

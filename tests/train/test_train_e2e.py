@@ -37,6 +37,7 @@ def test_tiny_recipe_trains_exports_and_generates(sample_corpus, tmp_path):
     assert "LanguageCrossEntropy" in summary["eval_metrics"]
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "hf")
+    assert model.config.use_cache  # off for training, on again for generation
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "hf")
     assert "<|mask|>" in tokenizer.get_vocab()
     prompt = tokenizer("<|user|>\nWhat is 2 + 3?\n<|rationale|>\n", return_tensors="pt", add_special_tokens=False)
