@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import typing
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,6 +41,15 @@ __all__ = [
 ]
 
 SHARDING_STRATEGIES_WITH_WHOLE_RANK_SHARDS = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
+# Values Composer's FSDP (v1) accepts, checked here so a typo fails before the model loads.
+# Composer upper-cases sharding_strategy and backward_prefetch, but compares the other two as written.
+FSDP_CHOICES = {
+    "sharding_strategy": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"),
+    "backward_prefetch": ("BACKWARD_PRE", "BACKWARD_POST", "NONE"),
+    "mixed_precision": ("FULL", "DEFAULT", "PURE"),
+    "state_dict_type": ("full", "sharded"),
+}
+FSDP_CASE_INSENSITIVE = ("sharding_strategy", "backward_prefetch")
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -133,8 +143,11 @@ def _fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 
 def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, init_device: str = "cpu") -> ComposerCausalLM:
     section = dict(cfg.model)
-    builder = registry.models.get(section.pop("name"))
-    return builder(tokenizer, init_device, **section)
+    builder = _lookup(registry.models, section.pop("name"), cfg.where("model.name"))
+    try:
+        return builder(tokenizer, init_device, **section)
+    except ConfigError as error:
+        raise ConfigError(f"{cfg.source}: {error}") from error
 
 
 # -------------------------------------------------------------------------------------- loaders
@@ -316,14 +329,19 @@ def validate_sections(cfg: TrainConfig, cuda_available: bool | None = None) -> N
             check_kwargs(target, kwargs, cfg.where(f"{key}.{name}"))
 
     if cfg.fsdp_config:
-        fields = {f.name: f for f in dataclasses.fields(FSDPConfig) if f.init and not f.name.startswith("_")}
-        hints = _fsdp_hints()
+        fields = [f.name for f in dataclasses.fields(FSDPConfig) if f.init and not f.name.startswith("_")]
+        hints = typing.get_type_hints(FSDPConfig)
         for key, value in cfg.fsdp_config.items():
+            where = cfg.where(f"fsdp_config.{key}")
             if key not in fields:
-                raise ConfigError(f"{cfg.where(f'fsdp_config.{key}')}: unknown key. Known keys: {', '.join(fields)}")
+                raise ConfigError(f"{where}: unknown key. Known keys: {', '.join(fields)}")
             problem = check_type(value, hints.get(key, Any))
             if problem:
-                raise ConfigError(f"{cfg.where(f'fsdp_config.{key}')}: {problem}")
+                raise ConfigError(f"{where}: {problem}")
+            allowed = FSDP_CHOICES.get(key)
+            written = str(value).upper() if key in FSDP_CASE_INSENSITIVE else value
+            if allowed and written not in allowed:
+                raise ConfigError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
         if cfg.optimizer.get("name") == "lilith":
             lilith_is_sharded(cfg, use_fsdp=True)
 
@@ -338,14 +356,6 @@ def validate_sections(cfg: TrainConfig, cuda_available: bool | None = None) -> N
         if not Path(path).is_file():
             raise ConfigError(f"{cfg.where('code_paths')}: no such file {path!r}")
 
-
-def _fsdp_hints() -> dict[str, Any]:
-    import typing
-
-    try:
-        return typing.get_type_hints(FSDPConfig)
-    except Exception:
-        return {}
 
 
 registry.models.register("hf_causal_lm", hf_causal_lm)

@@ -163,9 +163,9 @@ def config_from_omegaconf(cfg: DictConfig, source: str = "<dict>",
         problem = check_type(raw[field.name], hints[field.name])
         if problem:
             raise ConfigError(f"{where(field.name)}: {field.name}: {problem}")
-    config = TrainConfig(**raw, source=source)
-    config.source = source if not overridden else f"{source} (with command-line overrides {sorted(overridden)})"
-    return config
+    if overridden:
+        source = f"{source} (with command-line overrides {sorted(overridden)})"
+    return TrainConfig(**raw, source=source)
 
 
 def _dotted_keys(cfg: Any, prefix: str = "") -> set[str]:

@@ -160,6 +160,9 @@ def test_fsdp_keys_are_checked(tmp_path):
     path = tiny_with(tmp_path, lambda r: r.update(fsdp_config={"sharding_strategy": "FULL_SHARD", "shard": True}))
     with pytest.raises(ConfigError, match=r"fsdp_config\.shard: unknown key"):
         validate_sections(load_config(path), cuda_available=True)
+    path = tiny_with(tmp_path, lambda r: r.update(fsdp_config={"mixed_precision": "pure"}))
+    with pytest.raises(ConfigError, match=r"fsdp_config\.mixed_precision: 'pure' is not one of FULL, DEFAULT, PURE"):
+        validate_sections(load_config(path), cuda_available=True)
     path = tiny_with(tmp_path, lambda r: r.update(fsdp_config={"sharding_strategy": "HYBRID_SHARD"}))
     with pytest.raises(ConfigError, match="HYBRID_SHARD is not supported"):
         validate_sections(load_config(path), cuda_available=True)
