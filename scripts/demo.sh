@@ -43,7 +43,7 @@ rm -rf "$DEMO_DIR/tiny-cpu"   # a fresh run each time (autoresume would continue
 
 step "evaluate the export (lm-evaluation-harness, local task)"
 .venv/bin/remask-eval "$DEMO_DIR/tiny-cpu/hf" --device cpu --prompt-format remask \
-  --gsm8k-jsonl "$DEMO_DIR/heldout-raw/tinycot.jsonl" --limit 32
+  --gsm8k-jsonl "$DEMO_DIR/heldout-raw/tinycot.jsonl" --limit 32 --max-gen-toks 96
 
 step "done"
 echo "checkpoints: $DEMO_DIR/tiny-cpu/checkpoints   HF export: $DEMO_DIR/tiny-cpu/hf"
