@@ -7,7 +7,9 @@ import shutil
 
 import pytest
 import torch
+from composer.utils.checkpoint import safe_torch_load
 from safetensors.torch import load_file
+from torch.distributed import checkpoint as dcp
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from composer_remask.export import export_checkpoint
@@ -51,6 +53,11 @@ def test_tiny_recipe_trains_exports_and_generates(sample_corpus, tmp_path):
     assert live.keys() == from_checkpoint.keys()
     for key in live:
         torch.testing.assert_close(from_checkpoint[key], live[key], rtol=0, atol=0)
+    # A torch.distributed.checkpoint folder (the layout of sharded FSDP checkpoints) exports the same.
+    dcp.save(safe_torch_load(run_dir / "checkpoints" / "ep0-ba6-rank0.pt"), checkpoint_id=str(tmp_path / "dcp"))
+    from_dcp = weights(export_checkpoint(tmp_path / "dcp", tmp_path / "from-dcp"))
+    for key in live:
+        torch.testing.assert_close(from_dcp[key], live[key], rtol=0, atol=0)
     bf16 = export_checkpoint(run_dir / "checkpoints" / "ep0-ba3-rank0.pt", tmp_path / "bf16", dtype="bfloat16")
     assert {t.dtype for t in weights(bf16).values()} == {torch.bfloat16}
     assert AutoModelForCausalLM.from_pretrained(bf16, torch_dtype="auto").dtype == torch.bfloat16
