@@ -200,6 +200,9 @@ def build_loaders(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase,
             raise
         except (KeyError, TypeError, ValueError, FileNotFoundError) as error:
             raise ConfigError(f"{cfg.where(key)}: {error}") from error
+        except RuntimeError as error:  # streaming: a local folder without index.json and no remote
+            raise ConfigError(f"{cfg.where(key)}: {error} (build the corpus with `remask-data build ... "
+                              "--out DIR` and point the recipe's streams at DIR)") from error
 
     train = build("train_loader", sizes.device_train_batch_size)
     evaluation = build("eval_loader", sizes.device_eval_batch_size) if cfg.eval_loader else None

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from transformers import AutoTokenizer
 
 from composer_remask.train import ConfigError, load_config
 from composer_remask.train.builders import (
     build_algorithms,
     build_batch_sizes,
+    build_loaders,
     build_parallelism_config,
     lilith_is_sharded,
     validate_sections,
@@ -226,3 +228,10 @@ class CountBatches(Algorithm):
     validate_sections(cfg)
     (algorithm,) = build_algorithms(cfg)
     assert type(algorithm).__name__ == "CountBatches" and algorithm.every == 3
+
+
+def test_missing_corpus_is_a_config_error(tmp_path):
+    cfg = load_config(TINY_RECIPE, [f"variables.data_dir={tmp_path / 'nowhere'}"])
+    tokenizer = AutoTokenizer.from_pretrained(REPO / "assets" / "tiny-tokenizer")
+    with pytest.raises(ConfigError, match=r"train_loader: .*nowhere/tinycot/index\.json.*remask-data build"):
+        build_loaders(cfg, tokenizer, build_batch_sizes(cfg, world_size=1))
