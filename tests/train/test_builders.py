@@ -68,6 +68,8 @@ def test_3b_recipe_builds_on_cpu_without_weights(recipe, tmp_path):
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, tokenizer, init_device="meta")
     assert model.num_parameters == 2_795_443_200
+    assert not model.get_metrics(is_train=True) and set(model.get_metrics()) == {"LanguageCrossEntropy",
+                                                                                 "LanguagePerplexity"}
     layers = [m for m in model.model.modules() if model.model.fsdp_wrap_fn(m)]
     assert len(layers) == 32 and all(type(m).__name__ == "StableLmDecoderLayer" for m in layers)
     assert model.model.activation_checkpointing_fn is model.model.fsdp_wrap_fn
