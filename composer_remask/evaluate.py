@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "CARD_TASKS", "LOCAL_GSM8K_TASK", "TaskSetting", "evaluate", "main", "write_local_gsm8k_task",
+    "CARD_TASKS", "LOCAL_GSM8K_TASK", "TaskSetting", "evaluate", "format_report", "main", "write_local_gsm8k_task",
 ]
 
 LOCAL_GSM8K_TASK = "gsm8k_local"

@@ -12,6 +12,7 @@ from typing import Any
 from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist
+from tqdm import tqdm
 
 __all__ = ["RunReport", "RunSummary"]
 
@@ -20,12 +21,7 @@ LOSS_PREFIX = "loss/train/"
 
 def _write(line: str) -> None:
     """Print above Composer's progress bar (tqdm) without breaking it."""
-    try:
-        from tqdm import tqdm
-
-        tqdm.write(line, file=sys.stderr)
-    except ImportError:  # pragma: no cover - tqdm ships with composer
-        print(line, file=sys.stderr, flush=True)
+    tqdm.write(line, file=sys.stderr)
 
 
 class RunReport(Callback):
