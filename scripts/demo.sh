@@ -17,7 +17,11 @@ step "environment"
 if [ ! -x "$PY" ]; then
   python3 -m venv .venv
 fi
-if ! "$PY" -c "import composer_remask.train, lm_eval" 2>/dev/null; then
+installed() {  # the package's console scripts and its heavy dependencies, without importing them
+  [ -x .venv/bin/remask-data ] && [ -x .venv/bin/remask-eval ] && "$PY" -c \
+    "import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ('composer', 'lm_eval', 'streaming')))"
+}
+if ! installed; then
   .venv/bin/pip install --upgrade pip
   .venv/bin/pip install -e '.[dev,eval]'
 fi
