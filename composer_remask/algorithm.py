@@ -27,20 +27,25 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from composer.core import Algorithm, Event, State
+from composer.core import Algorithm, Event, State, TimeUnit
 from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from composer_remask.batch import MASK_TOKEN, TOKEN_ROLES_KEY, num_loss_tokens
+from composer_remask.batch import (
+    DIVERGENCE_MASK_KEY,
+    MASK_TOKEN,
+    TOKEN_ROLES_KEY,
+    batch_loss_tokens,
+    num_loss_tokens,
+)
 from composer_remask.divergence import DIVERGENCES, predicted_positions, remask_loss_from_rows
 from composer_remask.masking import MASK_STRATEGIES, remask_batch
 
 log = logging.getLogger(__name__)
 
 MASKED_INPUT_IDS_KEY = "remask_masked_input_ids"
-DIVERGENCE_MASK_KEY = "remask_divergence_mask"
 _PRIVATE_KEYS = (MASKED_INPUT_IDS_KEY, DIVERGENCE_MASK_KEY)
 LOSS_WEIGHTINGS = ("samples", "tokens")
 LOSS_IMPLS = ("auto", "hidden", "logits")
@@ -77,10 +82,10 @@ class ReMask(Algorithm):
         detach_full: stop the divergence's gradient through the full pass (teacher-style).
         seed: seed of the masks; ``None`` uses the trainer's ``rank_zero_seed``. Saved in
             checkpoints, so a resumed run draws the same masks.
-        loss_weighting: how the Trainer weights microbatches: ``samples`` (Composer's default, and
-            also right with ``accumulate_train_batch_on_tokens=True`` when the DataSpec counts
-            padded tokens) or ``tokens`` (``accumulate_train_batch_on_tokens=True`` with a DataSpec
-            that reports ``loss_generating`` tokens, as composer_remask's loaders do).
+        loss_weighting: how the Trainer weights microbatches: ``samples`` (Composer's default) or
+            ``tokens`` (``accumulate_train_batch_on_tokens=True`` with a DataSpec whose
+            ``loss_generating`` count is ``composer_remask.batch.batch_loss_tokens``, as the
+            project's loaders do). A mismatch is detected on the first microbatch and raised.
         loss_impl: ``hidden`` computes logits chunk by chunk from the final hidden states (lean),
             ``logits`` uses the model's logits; ``auto`` picks ``hidden`` when the model allows it.
 
@@ -146,8 +151,12 @@ class ReMask(Algorithm):
         # Per microbatch.
         self._full_batch: dict[str, Any] | None = None
         self._hidden: torch.Tensor | None = None
-        self._hook = None
+        self._hook: list | None = None
+        self._head: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._head_checked = False
         self._loss: dict[str, torch.Tensor] | None = None
+        self._loss_weight_probe: tuple[torch.Tensor, float, float] | None = None
+        self._weighting_checked = False
 
     @property
     def two_pass(self) -> bool:
@@ -158,7 +167,7 @@ class ReMask(Algorithm):
 
     def match(self, event: Event, state: State) -> bool:
         return event in (Event.INIT, Event.AFTER_DATALOADER, Event.BEFORE_FORWARD, Event.AFTER_FORWARD,
-                         Event.AFTER_LOSS)
+                         Event.AFTER_LOSS) or (event == Event.AFTER_BACKWARD and self._loss_weight_probe is not None)
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.INIT:
@@ -173,6 +182,8 @@ class ReMask(Algorithm):
             assert self._loss is not None
             state.loss = self._loss
             self._loss = None
+        elif event == Event.AFTER_BACKWARD:
+            self._check_loss_weighting()
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed}
@@ -247,12 +258,19 @@ class ReMask(Algorithm):
         return int(mask_id)
 
     def _choose_impl(self, hf_model: Any) -> str:
+        forward_args = getattr(self._composer_model, "model_forward_args", None)
+        if forward_args is None and hf_model is not None:
+            forward_args = list(inspect.signature(hf_model.forward).parameters)
+        config = getattr(hf_model, "config", None)
+        transforms_logits = any(getattr(config, name, None) not in (None, 1, 1.0, 0, 0.0) for name in
+                                ("logits_scaling", "final_logit_softcapping", "logit_scale", "output_multiplier_scale"))
         possible = (
             hf_model is not None
             and callable(getattr(hf_model, "get_output_embeddings", None))
             and callable(getattr(hf_model, "get_decoder", None))
             and isinstance(hf_model.get_output_embeddings(), torch.nn.Linear)
-            and "logits_to_keep" in inspect.signature(hf_model.forward).parameters
+            and "logits_to_keep" in (forward_args or ())
+            and not transforms_logits
         )
         if self.loss_impl == "hidden" and not possible:
             raise ValueError("ReMask(loss_impl='hidden') needs a Hugging Face causal LM with get_decoder(), a linear "
@@ -261,16 +279,59 @@ class ReMask(Algorithm):
             return "logits"
         return "hidden"
 
+    def _check_head_matches_logits(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                   logits: torch.Tensor) -> None:
+        """Once: the output layer applied to the hidden states must give the model's own logits.
+
+        Models that rescale or soft-cap their logits after the output layer (Granite, Gemma 2,
+        Cohere, ...) would otherwise train on a different distribution than they predict with.
+        """
+        with torch.no_grad():
+            mine = torch.nn.functional.linear(hidden[:, -1:].to(weight.dtype), weight, bias).float()
+            theirs = logits[:, -1:].float()
+            if mine.shape != theirs.shape or not torch.allclose(mine, theirs, rtol=1e-2, atol=1e-2):
+                raise ValueError(
+                    "ReMask(loss_impl='hidden'): the model transforms the output layer's logits (scaling or "
+                    "soft-capping), so they cannot be recomputed from the hidden states; use "
+                    "ReMask(loss_impl='logits').")
+        self._head_checked = True
+
+    def _check_loss_weighting(self) -> None:
+        total, before, expected = self._loss_weight_probe
+        self._loss_weight_probe = None
+        after = float(total.detach())
+        if before == 0.0:  # nothing to compare yet
+            return
+        self._weighting_checked = True
+        applied = after / before
+        if applied == 1.0 and expected != 1.0:  # a grad scaler scaled a copy: cannot tell
+            return
+        if abs(applied - expected) > 1e-4 * max(1.0, abs(expected)):
+            other = "tokens" if self.loss_weighting == "samples" else "samples"
+            raise ValueError(
+                f"ReMask(loss_weighting={self.loss_weighting!r}) does not match how the Trainer weights "
+                f"microbatches (weight {applied:.6g}, expected {expected:.6g}). With "
+                "accumulate_train_batch_on_tokens=True and a DataSpec that counts loss-generating tokens "
+                "(composer_remask.batch.batch_loss_tokens) use loss_weighting='tokens'; with Composer's default "
+                f"sample weighting use 'samples' (try loss_weighting={other!r}).")
+
     # ---------------------------------------------------------------------------- AFTER_DATALOADER
 
     def current_mask_prob(self, state: State) -> float:
         """``mask_prob``, ramped linearly over the first ``mask_prob_warmup`` of training."""
         if self.mask_prob_warmup <= 0:
             return self.mask_prob
-        elapsed = state.get_elapsed_duration()
-        if elapsed is None:
-            return self.mask_prob
-        return self.mask_prob * min(1.0, float(elapsed.value) / self.mask_prob_warmup)
+        max_duration = state.max_duration
+        if max_duration is not None and max_duration.unit == TimeUnit.EPOCH and state.dataloader_len is not None:
+            # Epoch durations advance once per epoch; count batches so the ramp is linear.
+            total = int(state.dataloader_len) * int(max_duration.value)
+            elapsed = int(state.timestamp.batch) / total if total > 0 else 1.0
+        else:
+            fraction = state.get_elapsed_duration()
+            if fraction is None:
+                return self.mask_prob
+            elapsed = float(fraction.value)
+        return self.mask_prob * min(1.0, elapsed / self.mask_prob_warmup)
 
     def _prepare_batch(self, state: State, logger: Logger) -> None:
         batch = state.batch
@@ -300,7 +361,7 @@ class ReMask(Algorithm):
 
         n_ce = num_loss_tokens(masked.labels)
         n_div = int(masked.divergence_mask[:, 1:].sum())
-        unit = rows if self.loss_weighting == "samples" else n_ce
+        unit = rows if self.loss_weighting == "samples" else batch_loss_tokens(batch)
         counts = torch.tensor([unit, n_ce, n_div, int(masked.input_mask.sum()), int(masked.maskable.sum())],
                               dtype=torch.float64)
         if dist.get_world_size() > 1:
@@ -342,10 +403,12 @@ class ReMask(Algorithm):
             forward_batch[key] = value
         if self._impl == "hidden":
             forward_batch["logits_to_keep"] = 1
-            if self._hook is not None:  # a forward that never finished (e.g. an OOM retried by Composer)
-                self._hook.remove()
-            decoder = self._hf_model().get_decoder()
-            self._hook = decoder.register_forward_hook(self._capture_hidden)
+            self._remove_hooks()  # left by a forward that never finished (e.g. an OOM retried by Composer)
+            hf_model = self._hf_model()
+            # Capture the final hidden states and the output layer's weight as the forward sees
+            # them: under FSDP with use_orig_params the module attribute is a flat shard afterwards.
+            self._hook = [hf_model.get_decoder().register_forward_hook(self._capture_hidden),
+                          hf_model.get_output_embeddings().register_forward_pre_hook(self._capture_head)]
         state.batch = forward_batch
 
     def _hf_model(self) -> Any:
@@ -356,21 +419,27 @@ class ReMask(Algorithm):
         hidden = getattr(output, "last_hidden_state", None)
         self._hidden = hidden if hidden is not None else output[0]
 
+    def _capture_head(self, module: torch.nn.Module, args: Any) -> None:
+        self._head = (module.weight, module.bias)
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hook or ():
+            hook.remove()
+        self._hook = None
+
     # ------------------------------------------------------------------------------- AFTER_FORWARD
 
     def _compute_loss(self, state: State) -> None:
         full = self._full_batch
         assert full is not None
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        self._remove_hooks()
         labels = full["labels"]
         rows = int(labels.shape[0])
         batch_idx, pos_idx, targets, div_rows = predicted_positions(
             labels, full[DIVERGENCE_MASK_KEY] if self.two_pass else None)
 
         unit_total, n_ce, n_div = self._global_counts
-        unit_mb = rows if self.loss_weighting == "samples" else num_loss_tokens(labels)
+        unit_mb = rows if self.loss_weighting == "samples" else batch_loss_tokens(full)
         # Composer multiplies this microbatch's loss by unit_mb / mean-rank-units and DDP averages the
         # ranks, so the sums are scaled by unit_total / unit_mb to land on the global token mean.
         factor = unit_total / unit_mb if unit_mb > 0 else 0.0
@@ -384,14 +453,16 @@ class ReMask(Algorithm):
             hidden, self._hidden = self._hidden, None
             if hidden is None:
                 raise RuntimeError("ReMask: the decoder's hidden states were not captured during forward.")
-            head = self._hf_model().get_output_embeddings()
+            weight, bias = self._head
+            self._head = None
+            if not self._head_checked:
+                self._check_head_matches_logits(hidden, weight, bias, _output_logits(state.outputs))
             rows_full = hidden[:rows][batch_idx, pos_idx]
             rows_masked = hidden[rows:][batch_idx, pos_idx] if self.two_pass else None
-            weight, bias = head.weight, head.bias
             if want_metric_logits:
                 # Train metrics need (B, T, V) logits; filled at predicted positions only, in the dtype
                 # the model's own logits have (bf16 under amp_bf16), like the logits SFT would keep.
-                metric_logits = hidden.new_zeros((rows, labels.shape[1], head.weight.shape[0]),
+                metric_logits = hidden.new_zeros((rows, labels.shape[1], weight.shape[0]),
                                                  dtype=_output_logits(state.outputs).dtype)
 
                 def on_full_logits(start: int, end: int, chunk: torch.Tensor) -> None:
@@ -417,6 +488,11 @@ class ReMask(Algorithm):
             loss["ce_masked"] = sums[1] * ce_scale
             loss["divergence"] = sums[2] * div_scale
         self._loss = loss
+        if not self._weighting_checked and unit_mb > 0 and unit_total > 0:
+            # Composer scales state.loss['total'] in place by its microbatch weight before backward;
+            # the first time, compare that weight with the one this normalization assumes.
+            expected = unit_mb / (unit_total / dist.get_world_size())
+            self._loss_weight_probe = (total, float(total.detach()), expected)
         state.outputs = CausalLMOutputWithPast(loss=total, logits=metric_logits)
         state.batch = full
         self._full_batch = None

@@ -34,10 +34,24 @@ REMASK_SPECIAL_TOKENS = (*STRUCTURAL_TAGS, MASK_TOKEN)
 TOKEN_ROLES_KEY = "token_roles"
 
 
-def num_loss_tokens(labels: torch.Tensor) -> int:
-    """Positions that generate a loss once labels are shifted (labels[:, 1:] != -100).
+# Added by ReMask at AFTER_DATALOADER: positions predicted before the ReMask-CoT label rules.
+DIVERGENCE_MASK_KEY = "remask_divergence_mask"
 
-    The collator's DataSpec and ReMask's loss normalization both count with this function, so
+
+def num_loss_tokens(labels: torch.Tensor) -> int:
+    """Positions that generate a loss once labels are shifted (labels[:, 1:] != -100)."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum().item())
+
+
+def batch_loss_tokens(batch) -> int:
+    """Loss-generating tokens of a batch, as Composer should weight its microbatches.
+
+    Counts the positions ReMask's loss covers: the predicted positions before ReMask-CoT dropped
+    any label when ReMask has marked them, else the labelled ones. The project's DataSpec and
+    ReMask's ``loss_weighting="tokens"`` both count with this function, so
     ``accumulate_train_batch_on_tokens=True`` weights microbatches exactly as the loss does.
     """
-    return int((labels[..., 1:] != IGNORE_INDEX).sum().item())
+    mask = batch.get(DIVERGENCE_MASK_KEY)
+    if mask is not None:
+        return int(mask[..., 1:].sum().item())
+    return num_loss_tokens(batch["labels"])

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import StableLmForCausalLM
 
 from composer_remask import ReMask
-from composer_remask.batch import num_loss_tokens
+from composer_remask.batch import batch_loss_tokens
 from composer_remask.data.tokenizer import train_tiny_tokenizer
 from tests.conftest import _TEXT, tiny_stablelm_config
 from tests.helpers.synthetic import CoTDataset, collate
@@ -31,7 +31,7 @@ def build_model(tokenizer, seed=0, metrics=True, vocab_size=None):
 def token_data_spec(loader):
     """A DataSpec that reports loss-generating tokens, as composer_remask's loaders do."""
     return DataSpec(loader, get_num_tokens_in_batch=lambda b: {
-        "total": int(b["attention_mask"].sum()), "loss_generating": num_loss_tokens(b["labels"])})
+        "total": int(b["attention_mask"].sum()), "loss_generating": batch_loss_tokens(b)})
 
 
 def run(tokenizer, algorithms, *, microbatch=4, batch=4, n=8, duration="1ba", seed=0, metrics=True,
@@ -304,3 +304,24 @@ def test_one_step_matches_an_independent_reference(tiny_tokenizer, divergence):
     assert logged(logger, "loss/train/total")[0] == pytest.approx(ref["total"].item(), abs=1e-5)
     assert logged(logger, "loss/train/divergence")[0] == pytest.approx(ref["divergence"].item(), abs=1e-6)
     assert max_weight_diff(weights(trained), weights(model)) < 1e-5
+
+
+def test_a_loss_weighting_that_does_not_match_the_trainer_is_an_error(tiny_tokenizer):
+    with pytest.raises(ValueError, match="loss_weighting='tokens'"):
+        run(tiny_tokenizer, [ReMask(loss_weighting="samples")], microbatch=1, on_tokens=True, token_spec=True)
+
+
+def test_mask_prob_warmup_is_linear_in_batches_with_epoch_durations(tiny_tokenizer):
+    _, _, logger = run(tiny_tokenizer, [ReMask(mask_prob=0.4, mask_prob_warmup=0.5, seed=0)], microbatch=4,
+                       n=16, duration="2ep")  # 4 batches per epoch, 8 in all, ramp over the first 4
+    assert logged(logger, "remask/mask_prob") == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.4, 0.4, 0.4])
+
+
+def test_models_that_transform_their_logits_are_refused_on_the_lean_path(tiny_tokenizer):
+    model = build_model(tiny_tokenizer)
+    model.model.lm_head.register_forward_hook(lambda module, args, out: out * 2.0)  # like Granite's scaling
+    loader = DataLoader(CoTDataset(tiny_tokenizer, 4), batch_size=4, collate_fn=collate)
+    trainer = Trainer(model=model, train_dataloader=loader, max_duration="1ba", device="cpu", progress_bar=False,
+                      algorithms=[ReMask(loss_impl="hidden")])
+    with pytest.raises(ValueError, match="loss_impl='logits'"):
+        trainer.fit()

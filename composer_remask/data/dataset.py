@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from composer_remask.batch import num_loss_tokens
+from composer_remask.batch import batch_loss_tokens
 from composer_remask.data.collator import RemaskCollator
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ def get_num_samples_in_batch(batch: Mapping[str, torch.Tensor]) -> int:
 
 def get_num_tokens_in_batch(batch: Mapping[str, torch.Tensor]) -> dict[str, int]:
     """Attended tokens, and loss-generating ones counted exactly as the loss counts them."""
-    return {"total": int(batch["attention_mask"].sum().item()), "loss_generating": num_loss_tokens(batch["labels"])}
+    return {"total": int(batch["attention_mask"].sum().item()), "loss_generating": batch_loss_tokens(batch)}
 
 
 def build_dataloader(loader_cfg: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase,
