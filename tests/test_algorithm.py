@@ -325,3 +325,25 @@ def test_models_that_transform_their_logits_are_refused_on_the_lean_path(tiny_to
                       algorithms=[ReMask(loss_impl="hidden")])
     with pytest.raises(ValueError, match="loss_impl='logits'"):
         trainer.fit()
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("use_orig_params", [True, False])
+def test_fsdp_full_shard_step_matches_the_unwrapped_model(tmp_path, use_orig_params):
+    """FSDP FULL_SHARD (2 ranks, gloo) with lm_head in the root unit trains like the plain model."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "diff"
+    port = "29541" if use_orig_params else "29542"
+    subprocess.run([str(Path(sys.executable).with_name("composer")), "-n", "2", "--master_port", port,
+                    "--stdout", str(tmp_path / "r{rank}.out"), "--stderr", str(tmp_path / "r{rank}.err"),
+                    str(repo / "tests" / "helpers" / "fsdp_step.py"), str(out), "1" if use_orig_params else "0"],
+                   check=True, env={**os.environ, "PYTHONPATH": str(repo)}, cwd=repo, timeout=600)
+    diffs = [float((tmp_path / f"diff.rank{r}").read_text()) for r in range(2)]
+    print(f"FSDP FULL_SHARD use_orig_params={use_orig_params}: max |w_fsdp - w_plain| per rank = {diffs}")
+    assert max(diffs) < 1e-5

@@ -1,0 +1,81 @@
+"""One ReMask step on an FSDP-wrapped model over gloo (CPU), compared with the unwrapped model.
+
+Composer's FSDP needs CUDA, so this wraps ``ComposerModel.model`` the way Composer does (decoder
+layers as child units, lm_head in the root) with torch's FSDP on the CPU and drives ReMask's events
+in Composer's order. Run: ``composer -n 2 tests/helpers/fsdp_step.py OUT USE_ORIG_PARAMS``.
+Each rank writes ``OUT.rank{r}`` with the largest weight difference after one SGD step.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+import torch.distributed as tdist  # noqa: E402
+from composer.core import Event, Precision, Timestamp  # noqa: E402
+from composer.devices import DeviceCPU  # noqa: E402
+from torch.distributed.fsdp import FullStateDictConfig, ShardingStrategy, StateDictType  # noqa: E402
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # noqa: E402
+from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy  # noqa: E402
+from transformers import StableLmForCausalLM  # noqa: E402
+from transformers.models.stablelm.modeling_stablelm import StableLmDecoderLayer  # noqa: E402
+
+from composer_remask import ReMask  # noqa: E402
+from composer_remask.data.tokenizer import train_tiny_tokenizer  # noqa: E402
+from composer_remask.train.model import ComposerCausalLM  # noqa: E402
+from tests.conftest import _TEXT, tiny_stablelm_config  # noqa: E402
+from tests.helpers.synthetic import CoTDataset, collate  # noqa: E402
+
+
+def one_step(wrap: bool, use_orig_params: bool):
+    tokenizer = train_tiny_tokenizer(_TEXT, 400)
+    torch.manual_seed(0)
+    model = ComposerCausalLM(StableLmForCausalLM(tiny_stablelm_config(len(tokenizer))), tokenizer,
+                             train_metrics=False)
+    algo = ReMask(mask_prob=0.4, weight=0.5, seed=5)
+    logger = types.SimpleNamespace(log_metrics=lambda *a, **k: None)
+    state = types.SimpleNamespace(
+        model=model, rank_zero_seed=5, batch=collate([CoTDataset(tokenizer, 4)[i] for i in range(4)]),
+        timestamp=Timestamp(), outputs=None, train_metrics=None, precision=Precision.FP32, precision_config=None,
+        device=DeviceCPU(), loss=None, max_duration=None, get_elapsed_duration=lambda: None)
+    algo.apply(Event.INIT, state, logger)
+    if wrap:
+        policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: isinstance(m, StableLmDecoderLayer))
+        model.model = FSDP(model.model, auto_wrap_policy=policy, use_orig_params=use_orig_params,
+                           sharding_strategy=ShardingStrategy.FULL_SHARD, device_id=torch.device("cpu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for event in (Event.AFTER_DATALOADER, Event.BEFORE_FORWARD):
+        algo.apply(event, state, logger)
+    state.outputs = model(state.batch)
+    algo.apply(Event.AFTER_FORWARD, state, logger)
+    state.loss = model.loss(state.outputs, state.batch)
+    algo.apply(Event.AFTER_LOSS, state, logger)
+    state.loss["total"].backward()
+    optimizer.step()
+    if wrap:
+        with FSDP.state_dict_type(model.model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
+            return {k: v.clone() for k, v in model.model.state_dict().items()}
+    return model.model.state_dict()
+
+
+def main(out: str, use_orig_params: bool) -> None:
+    tdist.init_process_group("gloo")
+    world = tdist.get_world_size()
+    reference = one_step(wrap=False, use_orig_params=use_orig_params)
+    for value in reference.values():  # every rank holds the same batch: FSDP averages identical gradients
+        if value.is_floating_point():
+            tdist.all_reduce(value)
+            value /= world
+    wrapped = one_step(wrap=True, use_orig_params=use_orig_params)
+    diff = max((wrapped[k] - reference[k]).abs().max().item() for k in reference)
+    Path(f"{out}.rank{tdist.get_rank()}").write_text(f"{diff}\n")
+    tdist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] == "1")
