@@ -68,9 +68,9 @@ def _chunk_loss_sums(
 
 
 def _subtract_at_targets(grad: torch.Tensor, targets: torch.Tensor, amount: float) -> None:
-    valid = targets != IGNORE_INDEX
-    rows = valid.nonzero(as_tuple=True)[0]
-    grad[rows, targets[rows]] -= amount
+    """``grad[r, targets[r]] -= amount`` for rows with a target (no host sync)."""
+    source = (targets != IGNORE_INDEX).to(grad.dtype).mul_(-amount).unsqueeze(-1)
+    grad.scatter_add_(-1, targets.clamp(min=0).unsqueeze(-1), source)
 
 
 def _logit_grads_kl(a, b, targets, div_rows, divergence, detach_full, ce_coef, div_coef):
@@ -150,6 +150,9 @@ class _ChunkedRemaskLoss(torch.autograd.Function):
                 divergence, detach_full, chunk_rows, on_full_logits):
         two_pass = rows_masked is not None
         ce_coef = ce_scale * (0.5 if two_pass else 1.0)
+        # Chunk gradients are formed with coefficients of order one and the scale is applied to the
+        # fp32 accumulators, so fp16 matmuls do not underflow on 1/(tokens in the batch).
+        norm = max(ce_coef, div_scale) or 1.0
         logit_grads = _logit_grads_kl if divergence in ("sym_kl", "forward_kl", "reverse_kl") \
             else _logit_grads_autograd
         inputs = (rows_full, rows_masked, weight, bias)
@@ -170,7 +173,7 @@ class _ChunkedRemaskLoss(torch.autograd.Function):
                 on_full_logits(start, end, logits_full)
             ce_full, ce_masked, div, grad_a, grad_b = logit_grads(
                 logits_full, logits_masked, targets[start:end], div_rows[start:end], divergence, detach_full,
-                ce_coef, div_scale)
+                ce_coef / norm, div_scale / norm)
             del logits_full, logits_masked
             sums += torch.stack([ce_full, ce_masked, div])
             if weight is None:  # rows are the logits themselves
@@ -191,21 +194,27 @@ class _ChunkedRemaskLoss(torch.autograd.Function):
             if needs[3]:
                 grads[3] += grad_a.float().sum(0) + (grad_b.float().sum(0) if two_pass else 0.0)
         total = ce_coef * (sums[0] + sums[1]) + div_scale * sums[2] if two_pass else ce_coef * sums[0]
-        # Keep the gradients in the inputs' dtypes: an fp32 copy of the output layer is not needed.
-        grads = [None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)]
+        # Keep the gradients in the inputs' dtypes (no fp32 copy of the output layer), except fp16,
+        # whose range cannot hold them before backward multiplies in the grad scaler's factor.
+        grads = [None if g is None else g.mul_(norm).to(torch.float32 if t.dtype == torch.float16 else t.dtype)
+                 for g, t in zip(grads, inputs)]
         ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
         ctx.has_grad = needs
+        ctx.input_dtypes = [None if t is None else t.dtype for t in inputs]
         ctx.mark_non_differentiable(sums)
         return total, sums
 
     @staticmethod
     def backward(ctx, grad_total, _grad_sums):
-        grads = [g * grad_total.to(g.dtype) if has else None for g, has in zip(ctx.saved_tensors, ctx.has_grad)]
+        grads = [(g * grad_total.to(g.dtype)).to(dtype) if has else None
+                 for g, has, dtype in zip(ctx.saved_tensors, ctx.has_grad, ctx.input_dtypes)]
         return (*grads, None, None, None, None, None, None, None, None)
 
 
-def _chunk_rows_for(vocab_size: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // max(1, vocab_size))
+def _chunk_rows_for(vocab_size: int, device: torch.device) -> int:
+    # Bigger chunks on GPUs: fewer kernel launches and wider matmuls; a few fp32 buffers of this size.
+    elements = _CHUNK_ELEMENTS * (4 if device.type == "cuda" else 1)
+    return max(1, elements // max(1, vocab_size))
 
 
 def predicted_positions(labels: torch.Tensor, divergence_mask: torch.Tensor | None):
@@ -248,7 +257,7 @@ def remask_loss_from_rows(
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
     vocab = output_weight.shape[0] if output_weight is not None else rows_full.shape[-1]
-    chunk = chunk_rows or _chunk_rows_for(vocab)
+    chunk = chunk_rows or _chunk_rows_for(vocab, rows_full.device)
     return _ChunkedRemaskLoss.apply(
         rows_full, rows_masked, output_weight, output_bias, targets, div_rows,
         float(ce_scale), float(div_scale) * float(weight), divergence, detach_full, chunk, on_full_logits)
