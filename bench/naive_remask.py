@@ -2,7 +2,8 @@
 
 Two separate forward calls, the Hugging Face loss for both cross-entropies, and an fp32
 ``log_softmax`` of the full logits at every position for the divergence. Same objective as
-``composer_remask.ReMask`` (mask 0.4, symmetric KL, weight 0.1), none of its economies.
+``composer_remask.ReMask`` without the ReMask-CoT label rules (mask 0.4, symmetric KL, weight
+0.1), none of its economies.
 """
 
 from __future__ import annotations
