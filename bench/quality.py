@@ -1,0 +1,595 @@
+"""Quality benchmark: SFT vs Masked Thought vs ReMask through the project's real pipeline, with seeds.
+
+Every step is a subprocess, the way a user would run it:
+
+1. ``python -m bench.quality_task.generate``: synthetic chained arithmetic in TinyCoT's shape
+   (``prompt``, ``rationale``, ``target``, ``source``), disjoint train / held-out test splits
+   (once; every run sees the same data);
+2. ``remask-data build --source synth=tinycot:train.jsonl`` -> MDS (once);
+3. the shared base: ``python train.py yamls/quality_tiny.yaml`` with the SFT switch from random
+   init (once), exported as a Hugging Face folder. A model this small trained from scratch sits on a
+   plateau for a seed-dependent number of steps before it learns the arithmetic, so comparing runs
+   from scratch mostly measures when each escaped it (seen with 3-4-step problems after 1000 steps:
+   52% vs 9% accuracy for two SFT seeds). Like the card's runs, which all fine-tune StableLM-3B,
+   every method here fine-tunes the same base;
+4. per method and seed: ``python train.py yamls/quality_tiny.yaml model.pretrained=true
+   model.pretrained_model_name_or_path=<base> ...`` with the method's switch
+   (``algorithms.remask.*``), the run's seed (data order, masks), and the same steps, batch, lr and
+   data for all three; the recipe exports a Hugging Face folder at the end;
+5. ``python -m bench.quality_task.lm_eval_task``: lm-evaluation-harness on local tasks over the
+   held-out rows: greedy generation, GSM8K-style strict match on the number after ``<|answer|>``;
+   teacher-forced log-likelihoods of the gold response given the prompt, and of the gold answer
+   given prompt + gold rationale.
+
+Methods (ReMask-CoT label rules, rationale label drop 0.1 and answer-only 0.1, apply to all three,
+as in yamls/sft_3b.yaml; the card's values otherwise):
+
+    sft             mask_prob 0   weight 0     one pass
+    masked_thought  mask_prob 0.4 weight 0     two passes, no consistency term
+    remask          mask_prob 0.4 weight 0.1   two passes + symmetric KL
+
+Outputs (``--results``): ``quality.json`` (every run: method, seed, accuracy, log-likelihood
+metrics, final CE / divergence, training curves, wall times, commands; the base), ``quality.md``
+(mean ± std per method and every run) and ``quality.png`` (accuracy and gold-response NLL per method
+with per-seed points; CE and divergence curves).
+
+    python bench/quality.py --quick          # 1 seed, a few steps: a smoke test (a few minutes)
+    python bench/quality.py                  # the full grid, 5 seeds (about an hour on 2 CPU cores)
+    python bench/quality.py --device cuda    # training and evaluation on the GPU
+    python bench/quality.py --report-only    # redo table and plot from quality.json
+
+On CPU, runs go two at a time (``--jobs``) with one thread each (``--threads``): on a shared
+2-core machine this is much faster than one run with two threads. Finished runs (and the base) are
+reused when the script is started again with the same settings (``--fresh`` redoes them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = "yamls/quality_tiny.yaml"
+SCHEMA = 1
+
+METHODS: dict[str, dict[str, Any]] = {
+    "sft": {"label": "SFT", "mask_prob": 0.0, "weight": 0.0},
+    "masked_thought": {"label": "Masked Thought", "mask_prob": 0.4, "weight": 0.0},
+    "remask": {"label": "ReMask", "mask_prob": 0.4, "weight": 0.1},
+}
+COLORS = {"sft": "#4c72b0", "masked_thought": "#dd8452", "remask": "#55a868"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """Everything that makes two benchmark runs comparable (recorded in quality.json)."""
+
+    name: str
+    seeds: tuple[int, ...]
+    steps: int                 # fine-tuning steps per run (max_duration), the same for every method
+    base_steps: int            # steps of the shared base model (SFT from random init), trained once
+    batch: int                 # global_train_batch_size
+    n_train: int               # generated training rows
+    n_test: int                # held-out rows evaluated
+    lr: float = 1.0e-3         # fine-tuning peak lr (the base uses the recipe's 2e-3)
+    base_seed: int = 1000
+    data_seed: int = 1234      # the data is the same for every run; the run's seed varies order and masks
+    difficulty: tuple[tuple[str, int], ...] = ()   # generate.Difficulty overrides
+    model: tuple[tuple[str, int], ...] = ()         # model.config overrides of the recipe
+    extra: tuple[str, ...] = ()                     # further train.py overrides
+
+
+MODES = {
+    "quick": Mode("quick", seeds=(0,), steps=20, base_steps=30, batch=32, n_train=2000, n_test=100),
+    "full": Mode("full", seeds=(0, 1, 2, 3, 4), steps=500, base_steps=1500, batch=32, n_train=20000, n_test=500),
+}
+
+
+# --------------------------------------------------------------------------------- subprocesses
+
+def _env(threads: int, device: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # Composer trains on a GPU whenever it sees one
+    return env
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def run_logged(cmd: Sequence[str], log_path: Path, env: Mapping[str, str]) -> float:
+    """Run ``cmd`` in the repo root with stdout+stderr to ``log_path``; return wall seconds.
+
+    Raises ``RuntimeError`` with the log's tail if it fails.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with log_path.open("w", encoding="utf-8") as log:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        status = subprocess.run(list(cmd), cwd=REPO, env=dict(env), stdout=log, stderr=subprocess.STDOUT).returncode
+    seconds = time.monotonic() - start
+    if status != 0:
+        tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"exit status {status}: {shlex.join(cmd)}\n(log {log_path})\n{tail}")
+    return seconds
+
+
+def prepare_data(mode: Mode, out: Path, env: Mapping[str, str]) -> dict[str, Any]:
+    """Generate the splits and build the MDS corpus once (reused when the settings match)."""
+    synth, corpus = out / "synth", out / "corpus"
+    gen_cmd = [sys.executable, "-m", "bench.quality_task.generate", _rel(synth), "--train", str(mode.n_train),
+               "--test", str(mode.n_test), "--seed", str(mode.data_seed)]
+    for key, value in mode.difficulty:
+        gen_cmd += [f"--{key.replace('_', '-')}", str(value)]
+    build_cmd = [str(Path(sys.executable).parent / "remask-data"), "build", "--tokenizer", "assets/tiny-tokenizer",
+                 "--max-seq-len", "128", "--overwrite", "--no-progress",
+                 "--source", f"synth=tinycot:{_rel(synth / 'train.jsonl')}", "--out", _rel(corpus)]
+    stamp = out / "data.json"
+    planned = {"generate": shlex.join(gen_cmd), "build": shlex.join(build_cmd)}
+    if stamp.is_file() and json.loads(stamp.read_text()).get("commands") == planned \
+            and (corpus / "manifest.json").is_file():
+        return json.loads(stamp.read_text())
+    seconds = run_logged(gen_cmd, out / "logs" / "generate.log", env)
+    seconds += run_logged(build_cmd, out / "logs" / "build.log", env)
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    info = {"commands": planned, "seconds": round(seconds, 1), "meta": json.loads((synth / "meta.json").read_text()),
+            "tokens": manifest["sources"]["synth"]["tokens"]["total"],
+            "rows_written": manifest["sources"]["synth"]["rows_written"]}
+    stamp.write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def train_command(mode: Mode, method: str, seed: int, run_dir: Path, data_dir: Path,
+                  base_hf: Path | None) -> list[str]:
+    """``train.py`` for one run; ``base_hf=None`` trains the shared base itself (SFT from random init)."""
+    spec = METHODS[method]
+    cmd = [sys.executable, "train.py", RECIPE,
+           f"variables.data_dir={_rel(data_dir)}", f"variables.run_dir={_rel(run_dir)}",
+           f"run_name=quality-{method if base_hf else 'base'}-s{seed}", f"seed={seed}",
+           f"max_duration={mode.steps if base_hf else mode.base_steps}ba", f"global_train_batch_size={mode.batch}",
+           f"device_train_microbatch_size={mode.batch}",
+           f"algorithms.remask.mask_prob={spec['mask_prob']}", f"algorithms.remask.weight={spec['weight']}"]
+    if base_hf is None:
+        cmd += [f"model.config.{key}={value}" for key, value in mode.model]
+    else:  # fine-tune the base's Hugging Face export, as the 3B recipes fine-tune StableLM
+        cmd += ["model.pretrained=true", f"model.pretrained_model_name_or_path={_rel(base_hf)}", "model.config=null",
+                f"optimizer.lr={mode.lr}"]
+    cmd += list(mode.extra)
+    return cmd
+
+
+def eval_command(run_dir: Path, test_jsonl: Path, device: str, limit: int | None) -> list[str]:
+    cmd = [sys.executable, "-m", "bench.quality_task.lm_eval_task", _rel(run_dir / "hf"), "--test", _rel(test_jsonl),
+           "--out", _rel(run_dir / "eval.json"), "--samples", _rel(run_dir / "samples.jsonl"), "--device", device]
+    if limit is not None:
+        cmd += ["--limit", str(limit)]
+    return cmd
+
+
+def prepare_base(mode: Mode, out: Path, env: Mapping[str, str], device: str) -> dict[str, Any]:
+    """Train the shared base (plain SFT from random init on the same training rows), export and evaluate it.
+
+    Every method then fine-tunes this base, like the card's runs fine-tune StableLM-3B: the base has
+    learned the template, the copying and the arithmetic facts, so the comparison is not decided by
+    when (or whether) a run from scratch gets past its first plateau.
+    """
+    base_dir = out / "base"
+    cmd = train_command(mode, "sft", mode.base_seed, base_dir, base_dir / "corpus", None)
+    ev_cmd = eval_command(base_dir, out / "synth" / "test.jsonl", device, None)
+    stamp = base_dir / "record.json"
+    if stamp.is_file():
+        old = json.loads(stamp.read_text())
+        if old.get("train_command") == shlex.join(cmd) and old.get("eval_command") == shlex.join(ev_cmd) \
+                and (base_dir / "hf" / "config.json").is_file():
+            print(f"[base] reusing {_rel(stamp)}", flush=True)
+            return old
+    if base_dir.exists():
+        shutil.rmtree(base_dir)
+    base_dir.mkdir(parents=True)
+    shutil.copytree(out / "corpus", base_dir / "corpus")
+    print(f"[base] training: {shlex.join(cmd)}", flush=True)
+    seconds = run_logged(cmd, base_dir / "train.log", env)
+    shutil.rmtree(base_dir / "corpus", ignore_errors=True)
+    eval_seconds = run_logged(ev_cmd, base_dir / "eval.log", env)
+    evaluation = json.loads((base_dir / "eval.json").read_text())
+    curves = read_curves(base_dir / "train_log.txt")
+    record = {"method": "base", "label": "base (shared SFT start)", "seed": mode.base_seed,
+              **{key: evaluation[key] for key in ("accuracy", "accuracy_flexible", "answer_nll",
+                                                  "answer_teacher_forced_acc", "response_nll")},
+              "n_test": evaluation["n"], "final_ce": tail_mean(curves.get("ce_full", [])),
+              "steps": mode.base_steps, "train_seconds": round(seconds, 1), "eval_seconds": round(eval_seconds, 1),
+              "train_command": shlex.join(cmd), "eval_command": shlex.join(ev_cmd),
+              "curves": {key: smooth(points, max(1, len(points) // 100)) for key, points in curves.items()}}
+    stamp.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"[base] accuracy {record['accuracy']:.3f}  answer NLL {record['answer_nll']:.3f}  "
+          f"final CE {record['final_ce']:.4f}  ({seconds:.0f} s + {eval_seconds:.0f} s)", flush=True)
+    return record
+
+
+# ------------------------------------------------------------------------------------- curves
+
+_METRIC_LINE = re.compile(r"^\[metric\]\[batch=(\d+)\]: loss/train/(\w+): (\S+)")
+
+
+def read_curves(log_path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-batch loss terms from Composer's FileLogger (``[metric][batch=N]: loss/train/ce_full: X``).
+
+    Composer logs the loss of the batch that just finished under the batch counter before the
+    increment, so batch ``N`` here is the ``N+1``-th optimizer step.
+    """
+    curves: dict[str, dict[int, float]] = {}
+    with log_path.open(encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            match = _METRIC_LINE.match(line)
+            if match:
+                value = float(match.group(3))
+                if math.isfinite(value):
+                    curves.setdefault(match.group(2), {})[int(match.group(1)) + 1] = value
+    return {key: sorted(points.items()) for key, points in curves.items()}
+
+
+def smooth(points: Sequence[tuple[int, float]], window: int) -> list[list[float]]:
+    """Means over consecutive windows of ``window`` batches: ``[[last step, mean], ...]``."""
+    out = []
+    for start in range(0, len(points), window):
+        chunk = points[start:start + window]
+        out.append([chunk[-1][0], round(statistics.fmean(v for _, v in chunk), 5)])
+    return out
+
+
+def tail_mean(points: Sequence[tuple[int, float]], fraction: float = 0.1) -> float | None:
+    if not points:
+        return None
+    count = max(1, int(len(points) * fraction))
+    return statistics.fmean(v for _, v in points[-count:])
+
+
+# ------------------------------------------------------------------------------------- one run
+
+def run_one(mode: Mode, method: str, seed: int, out: Path, data_dir: Path, test_jsonl: Path, device: str,
+            env: Mapping[str, str], fresh: bool, eval_limit: int | None) -> dict[str, Any]:
+    run_dir = out / "runs" / f"{method}-s{seed}"
+    train_cmd = train_command(mode, method, seed, run_dir, run_dir / "corpus", out / "base" / "hf")
+    ev_cmd = eval_command(run_dir, test_jsonl, device, eval_limit)
+    record_path = run_dir / "record.json"
+    if not fresh and record_path.is_file():
+        old = json.loads(record_path.read_text())
+        if old.get("train_command") == shlex.join(train_cmd) and old.get("eval_command") == shlex.join(ev_cmd):
+            print(f"[{method} seed {seed}] reusing {_rel(record_path)}", flush=True)
+            return old
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    # A private copy of the corpus: StreamingDataset refuses a local folder another live job uses.
+    shutil.copytree(data_dir, run_dir / "corpus")
+    print(f"[{method} seed {seed}] training: {shlex.join(train_cmd)}", flush=True)
+    train_seconds = run_logged(train_cmd, run_dir / "train.log", env)
+    shutil.rmtree(run_dir / "corpus", ignore_errors=True)
+    print(f"[{method} seed {seed}] trained in {train_seconds:.0f} s; evaluating", flush=True)
+    eval_seconds = run_logged(ev_cmd, run_dir / "eval.log", env)
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    curves = read_curves(run_dir / "train_log.txt")
+    ce = curves.get("ce_full", [])
+    record = {
+        "method": method, "label": METHODS[method]["label"], "seed": seed,
+        "mask_prob": METHODS[method]["mask_prob"], "weight": METHODS[method]["weight"],
+        "accuracy": evaluation["accuracy"], "accuracy_flexible": evaluation["accuracy_flexible"],
+        "answer_nll": evaluation["answer_nll"], "answer_teacher_forced_acc": evaluation["answer_teacher_forced_acc"],
+        "response_nll": evaluation["response_nll"], "n_test": evaluation["n"],
+        "final_ce": tail_mean(ce), "final_ce_masked": tail_mean(curves.get("ce_masked", [])),
+        "final_divergence": tail_mean(curves.get("divergence", [])), "final_loss": tail_mean(curves.get("total", [])),
+        "steps": ce[-1][0] if ce else None,
+        "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
+        "train_command": shlex.join(train_cmd), "eval_command": shlex.join(ev_cmd),
+        "curves": {key: smooth(points, max(1, len(points) // 100)) for key, points in curves.items()},
+        "lm_eval": evaluation["lm_eval"],
+    }
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"[{method} seed {seed}] accuracy {record['accuracy']:.3f}  answer NLL {record['answer_nll']:.3f}  "
+          f"final CE {record['final_ce']:.4f}  ({train_seconds:.0f} s + {eval_seconds:.0f} s)", flush=True)
+    return record
+
+
+# ------------------------------------------------------------------------------------- report
+
+def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method: number of runs and (mean, std) of each headline number (sample std over seeds)."""
+    keys = ("accuracy", "accuracy_flexible", "response_nll", "answer_nll", "answer_teacher_forced_acc",
+            "final_ce", "final_divergence", "train_seconds")
+    summary: dict[str, dict[str, Any]] = {}
+    for method in [m for m in METHODS if any(r["method"] == m for r in records)]:
+        runs = [r for r in records if r["method"] == method]
+        summary[method] = {"label": METHODS[method]["label"], "runs": len(runs),
+                           **{key: _mean_std([r.get(key) for r in runs]) for key in keys}}
+    return summary
+
+
+def _fmt(pair: tuple[float | None, float | None], scale: float = 1.0, digits: int = 1) -> str:
+    mean, std = pair
+    if mean is None:
+        return "–"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def format_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
+    lines = ["| method | runs | accuracy, strict (%) | accuracy, last number (%) | gold response NLL (nats) | "
+             "answer NLL (nats) | answer greedy given gold rationale (%) | final CE | final divergence | "
+             "train time (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for entry in summary.values():
+        lines.append(
+            f"| {entry['label']} | {entry['runs']} | {_fmt(entry['accuracy'], 100)} | "
+            f"{_fmt(entry['accuracy_flexible'], 100)} | {_fmt(entry['response_nll'], 1, 3)} | "
+            f"{_fmt(entry['answer_nll'], 1, 4)} | "
+            f"{_fmt(entry['answer_teacher_forced_acc'], 100)} | {_fmt(entry['final_ce'], 1, 4)} | "
+            f"{_fmt(entry['final_divergence'], 1, 4)} | {_fmt(entry['train_seconds'], 1, 0)} |")
+    return "\n".join(lines)
+
+
+def format_runs(records: Sequence[Mapping[str, Any]]) -> str:
+    lines = ["| method | seed | accuracy (%) | gold response NLL | final CE | final divergence | train (s) | eval (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in records:
+        div = "–" if r.get("final_divergence") is None else f"{r['final_divergence']:.4f}"
+        lines.append(f"| {r['label']} | {r['seed']} | {100 * r['accuracy']:.1f} | {r['response_nll']:.3f} | "
+                     f"{r['final_ce']:.4f} | {div} | {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_markdown(results: Mapping[str, Any], path: Path) -> str:
+    summary = summarize(results["runs"])
+    settings = results["settings"]
+    base = results.get("base")
+    base_line = [] if not base else [
+        f"Shared base (plain SFT from random init, {settings.get('base_steps')} steps, seed {base['seed']}), "
+        f"the start of every run: accuracy {100 * base['accuracy']:.1f}%, gold response NLL "
+        f"{base['response_nll']:.3f}.", ""]
+    text = "\n".join([
+        f"# Quality benchmark ({settings['mode']} mode)",
+        "",
+        "SFT vs Masked Thought vs ReMask fine-tuning one shared tiny base model on synthetic chained arithmetic "
+        "(bench/quality_task/generate.py) with `yamls/quality_tiny.yaml`, evaluated with "
+        "lm-evaluation-harness on held-out problems. Mean ± sample std over seeds (the seed sets the data "
+        "order and the masks).",
+        "",
+        format_table(summary),
+        "",
+        *base_line,
+        "- accuracy, strict: greedy generation, the number after `<|answer|>` equals the target "
+        "(GSM8K-style strict match); last number: GSM8K's flexible extract.",
+        "- gold response NLL: negative log-likelihood of the gold rationale + `<|answer|>` + answer given "
+        "the prompt (teacher forcing, lm-eval `loglikelihood`), nats per problem; lower is better. "
+        "answer NLL / greedy: the same for the answer alone given prompt + gold rationale (saturates: "
+        "the answer is the rationale's last number).",
+        "- final CE / divergence: training CE on the unmasked sequence and the divergence term, mean of "
+        "the last 10% of steps (Masked Thought computes the divergence too, with weight 0).",
+        "",
+        f"Settings: {settings['steps']} fine-tuning steps × batch {settings['batch']} (peak lr "
+        f"{settings.get('lr')}, one-cycle cosine) for every method; "
+        f"{settings['n_train']} training problems, {settings['n_test']} held-out; "
+        f"difficulty {json.dumps(settings['difficulty'])}; model {settings['model']}; "
+        f"device {settings['device']}, {settings['jobs']} run(s) at a time × {settings['threads']} thread(s); "
+        f"grid wall time {settings.get('wall_seconds', 0) / 60:.1f} min on {settings['machine']}.",
+        "",
+        f"Command: `{settings['command']}`",
+        "",
+        "## Every run",
+        "",
+        format_runs(results["runs"]),
+        "",
+        "![quality](quality.png)",
+        "",
+    ])
+    path.write_text(text, encoding="utf-8")
+    return text
+
+
+def plot(results: Mapping[str, Any], path: Path) -> None:
+    """Accuracy and gold-response NLL per method (bars: mean, dots: seeds), CE / divergence curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = results["runs"]
+    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for ax, key, scale, title in ((axes[0][0], "accuracy", 100, "held-out accuracy, strict match (%)"),
+                                  (axes[0][1], "response_nll", 1,
+                                   "gold response NLL given the prompt (nats per problem)")):
+        for x, method in enumerate(methods):
+            values = [scale * r[key] for r in records if r["method"] == method]
+            ax.bar(x, statistics.fmean(values), color=COLORS[method], alpha=0.55, width=0.6)
+            if len(values) > 1:
+                ax.errorbar(x, statistics.fmean(values), yerr=statistics.stdev(values), color="black", capsize=6)
+            jitter = [x + 0.12 * (i - (len(values) - 1) / 2) for i in range(len(values))]
+            ax.scatter(jitter, values, color="black", s=18, zorder=3)
+        base = results.get("base")
+        if base:
+            ax.axhline(scale * base[key], color="gray", ls="--", lw=1, label="shared base (start)")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_xticks(range(len(methods)), [METHODS[m]["label"] for m in methods])
+        ax.set_ylim(bottom=0)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    for ax, key, title in ((axes[1][0], "ce_full", "training CE, unmasked sequence"),
+                           (axes[1][1], "divergence", "training divergence (sym. KL, masked vs full)")):
+        for method in methods:
+            first = True
+            for r in (r for r in records if r["method"] == method):
+                points = [p for p in r.get("curves", {}).get(key) or [] if p[1] > 0]  # log scale
+                if not points:
+                    continue
+                ax.plot([p[0] for p in points], [p[1] for p in points], color=COLORS[method], alpha=0.8, lw=1.2,
+                        label=METHODS[method]["label"] if first else None)
+                first = False
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    settings = results["settings"]
+    fig.suptitle(f"composer-remask quality benchmark ({settings['mode']}): fine-tuning a shared base, "
+                 f"{settings['steps']} steps × batch {settings['batch']}, seeds {settings['seeds']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(results: Mapping[str, Any], results_dir: Path) -> str:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "quality.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    text = write_markdown(results, results_dir / "quality.md")
+    plot(results, results_dir / "quality.png")
+    return text
+
+
+# --------------------------------------------------------------------------------------- main
+
+def _mode_from_args(args: argparse.Namespace) -> Mode:
+    mode = MODES["quick" if args.quick else "full"]
+    changes: dict[str, Any] = {}
+    if args.seeds:
+        changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    for key in ("steps", "base_steps", "batch", "n_train", "n_test", "lr"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
+    return dataclasses.replace(mode, **changes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/quality.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, few steps, 100 test problems (smoke)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of %(default)s")
+    parser.add_argument("--seeds", help="comma-separated training seeds (default: the mode's)")
+    parser.add_argument("--steps", type=int, help="fine-tuning steps per run (default: the mode's)")
+    parser.add_argument("--base-steps", type=int, help="steps of the shared base model (default: the mode's)")
+    parser.add_argument("--lr", type=float, help="fine-tuning peak learning rate (default: the mode's)")
+    parser.add_argument("--batch", type=int, help="global batch size (default: the mode's)")
+    parser.add_argument("--n-train", type=int, help="generated training problems")
+    parser.add_argument("--n-test", type=int, help="held-out problems evaluated")
+    parser.add_argument("--jobs", type=int, default=None, help="runs at a time (default: 2 on CPU, 1 on CUDA)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run on CPU")
+    parser.add_argument("--out", default=None, help="work folder (default: runs/quality[-quick])")
+    parser.add_argument("--results", default=None,
+                        help="where quality.json/.md/.png go (default: bench/results, or the work folder with --quick)")
+    parser.add_argument("--fresh", action="store_true", help="redo runs that already have a record")
+    parser.add_argument("--report-only", action="store_true", help="rebuild quality.md and quality.png from quality.json")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out or ("runs/quality-quick" if args.quick else "runs/quality"))
+    out = out if out.is_absolute() else REPO / out
+    results_dir = Path(args.results) if args.results else (out if args.quick else REPO / "bench" / "results")
+    if args.report_only:
+        results = json.loads((results_dir / "quality.json").read_text())
+        print(report(results, results_dir))
+        return 0
+
+    mode = _mode_from_args(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
+    jobs = args.jobs or (2 if args.device == "cpu" else 1)
+    threads = args.threads if args.device == "cpu" else max(args.threads, 4)
+    env = _env(threads, args.device)
+
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+    data = prepare_data(mode, out, env)
+    print(f"data: {data['rows_written']} training rows ({data['tokens']} tokens), "
+          f"{mode.n_test} held-out -> {_rel(out)}", flush=True)
+    if args.fresh and (out / "base").exists():
+        shutil.rmtree(out / "base")
+    base = prepare_base(mode, out, env, args.device)
+
+    # Interleave methods within each seed, so a grid cut short still compares like with like.
+    plan = [(method, seed) for seed in mode.seeds for method in methods]
+    records: list[dict[str, Any]] = []
+    failures: list[str] = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run_one, mode, method, seed, out, out / "corpus", out / "synth" / "test.jsonl",
+                               args.device, env, args.fresh, None): (method, seed) for method, seed in plan}
+        for future, (method, seed) in futures.items():
+            try:
+                records.append(future.result())
+            except Exception as error:  # keep the other runs; report at the end
+                failures.append(f"{method} seed {seed}: {error}")
+                print(f"[{method} seed {seed}] FAILED: {error}", file=sys.stderr, flush=True)
+    wall = time.monotonic() - started
+
+    command = "python bench/quality.py" + ("".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])))
+    settings = {
+        "schema": SCHEMA, "mode": mode.name, "command": command, "seeds": list(mode.seeds), "methods": methods,
+        "steps": mode.steps, "base_steps": mode.base_steps, "lr": mode.lr, "base_seed": mode.base_seed,
+        "batch": mode.batch, "n_train": mode.n_train, "n_test": mode.n_test,
+        "data_seed": mode.data_seed, "difficulty": data["meta"]["difficulty"],
+        "model": _model_summary(mode), "recipe": RECIPE, "device": args.device, "jobs": jobs, "threads": threads,
+        "wall_seconds": round(wall, 1), "data": data,
+        "machine": f"{platform.machine()} {os.cpu_count()} CPUs" + (f" ({_gpu_name()})" if args.device == "cuda" else ""),
+    }
+    results = {"settings": settings, "summary": summarize(records), "base": base, "runs": records}
+    if records:
+        print(report(results, results_dir))
+        print(f"results: {_rel(results_dir)}/quality.json, quality.md, quality.png  (grid wall time {wall / 60:.1f} min)")
+    if failures:
+        print("failed runs:\n" + "\n".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _model_summary(mode: Mode) -> str:
+    from omegaconf import OmegaConf
+
+    config = dict(OmegaConf.to_container(OmegaConf.load(REPO / RECIPE).model.config))
+    config.update(dict(mode.model))
+    return (f"StableLM-style, hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
+            f"{config['num_attention_heads']} heads, random init")
+
+
+def _gpu_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - informational only
+        return "cuda"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
