@@ -176,8 +176,7 @@ def train_command(mode: Mode, method: str, seed: int, run_dir: Path, data_dir: P
         cmd += [f"model.config.{key}={value}" for key, value in mode.model]
     else:  # fine-tune the base's Hugging Face export, as the 3B recipes fine-tune StableLM
         cmd += ["model.pretrained=true", f"model.pretrained_model_name_or_path={_rel(base_hf)}", "model.config=null",
-                f"optimizer.lr={mode.lr}"]
-    cmd += list(mode.extra)
+                f"optimizer.lr={mode.lr}", *mode.extra]
     return cmd
 
 
@@ -269,10 +268,12 @@ def tail_mean(points: Sequence[tuple[int, float]], fraction: float = 0.1) -> flo
 
 # ------------------------------------------------------------------------------------- one run
 
-def run_one(mode: Mode, method: str, seed: int, out: Path, data_dir: Path, test_jsonl: Path, device: str,
+def run_one(mode: Mode, method: str, seed: int, out: Path, shared: Path, device: str,
             env: Mapping[str, str], fresh: bool, eval_limit: int | None) -> dict[str, Any]:
+    """One fine-tuning run of ``method`` from the base under ``shared`` (data, corpus, base) in ``out``."""
     run_dir = out / "runs" / f"{method}-s{seed}"
-    train_cmd = train_command(mode, method, seed, run_dir, run_dir / "corpus", out / "base" / "hf")
+    data_dir, test_jsonl = shared / "corpus", shared / "synth" / "test.jsonl"
+    train_cmd = train_command(mode, method, seed, run_dir, run_dir / "corpus", shared / "base" / "hf")
     ev_cmd = eval_command(run_dir, test_jsonl, device, eval_limit)
     record_path = run_dir / "record.json"
     if not fresh and record_path.is_file():
@@ -500,11 +501,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, help="global batch size (default: the mode's)")
     parser.add_argument("--n-train", type=int, help="generated training problems")
     parser.add_argument("--n-test", type=int, help="held-out problems evaluated")
+    parser.add_argument("--mask-prob", type=float, default=None,
+                        help="mask rate of Masked Thought and ReMask (default 0.4, the card's)")
+    parser.add_argument("--weight", type=float, default=None, help="ReMask's divergence weight (default 0.1)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra train.py override for every fine-tuning run, e.g. "
+                             "algorithms.remask.divergence=js (an ablation; recorded in the results)")
     parser.add_argument("--jobs", type=int, default=None, help="runs at a time (default: 2 on CPU, 1 on CUDA)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run on CPU")
     parser.add_argument("--out", default=None, help="work folder (default: runs/quality[-quick])")
     parser.add_argument("--results", default=None,
                         help="where quality.json/.md/.png go (default: bench/results, or the work folder with --quick)")
+    parser.add_argument("--base-from", metavar="OUT",
+                        help="reuse the data and shared base of an earlier grid's work folder (for ablations)")
     parser.add_argument("--fresh", action="store_true", help="redo runs that already have a record")
     parser.add_argument("--report-only", action="store_true", help="rebuild quality.md and quality.png from quality.json")
     args = parser.parse_args(argv)
@@ -518,6 +527,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     mode = _mode_from_args(args)
+    if args.set:
+        mode = dataclasses.replace(mode, extra=tuple(args.set))
+    if args.mask_prob is not None:
+        for name in ("masked_thought", "remask"):
+            METHODS[name]["mask_prob"] = args.mask_prob
+    if args.weight is not None:
+        METHODS["remask"]["weight"] = args.weight
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -531,20 +547,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     from streaming.base.util import clean_stale_shared_memory
 
     clean_stale_shared_memory()
-    data = prepare_data(mode, out, env)
+    if args.base_from:  # an ablation: fine-tune the base of an earlier grid, on its data
+        shared = Path(args.base_from) if Path(args.base_from).is_absolute() else REPO / args.base_from
+        data = json.loads((shared / "data.json").read_text())
+        base = json.loads((shared / "base" / "record.json").read_text())
+        if not (shared / "base" / "hf" / "config.json").is_file():
+            parser.error(f"--base-from {args.base_from}: no base export under it (run the grid there first)")
+    else:
+        shared = out
+        data = prepare_data(mode, out, env)
+        if args.fresh and (out / "base").exists():
+            shutil.rmtree(out / "base")
+        base = prepare_base(mode, out, env, args.device)
     print(f"data: {data['rows_written']} training rows ({data['tokens']} tokens), "
-          f"{mode.n_test} held-out -> {_rel(out)}", flush=True)
-    if args.fresh and (out / "base").exists():
-        shutil.rmtree(out / "base")
-    base = prepare_base(mode, out, env, args.device)
+          f"{mode.n_test} held-out, base accuracy {base['accuracy']:.3f} -> {_rel(shared)}", flush=True)
 
     # Interleave methods within each seed, so a grid cut short still compares like with like.
     plan = [(method, seed) for seed in mode.seeds for method in methods]
     records: list[dict[str, Any]] = []
     failures: list[str] = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_one, mode, method, seed, out, out / "corpus", out / "synth" / "test.jsonl",
-                               args.device, env, args.fresh, None): (method, seed) for method, seed in plan}
+        futures = {pool.submit(run_one, mode, method, seed, out, shared, args.device, env, args.fresh, None):
+                   (method, seed) for method, seed in plan}
         for future, (method, seed) in futures.items():
             try:
                 records.append(future.result())
@@ -559,6 +583,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "steps": mode.steps, "base_steps": mode.base_steps, "lr": mode.lr, "base_seed": mode.base_seed,
         "batch": mode.batch, "n_train": mode.n_train, "n_test": mode.n_test,
         "data_seed": mode.data_seed, "difficulty": data["meta"]["difficulty"],
+        "method_settings": {m: dict(METHODS[m]) for m in methods}, "extra_overrides": list(mode.extra),
         "model": _model_summary(mode), "recipe": RECIPE, "device": args.device, "jobs": jobs, "threads": threads,
         "wall_seconds": round(wall, 1), "data": data,
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs" + (f" ({_gpu_name()})" if args.device == "cuda" else ""),
