@@ -137,6 +137,28 @@ def run_logged(cmd: Sequence[str], log_path: Path, env: Mapping[str, str]) -> fl
     return seconds
 
 
+SHM_RACE = "FileExistsError"  # streaming: two datasets created at the same instant pick the same shm prefix
+
+
+def run_with_retry(cmd: Sequence[str], log_path: Path, env: Mapping[str, str], attempts: int = 3) -> float:
+    """``run_logged``, retried when mosaicml-streaming lost a start-up race for its shared memory.
+
+    Two StreamingDatasets created in the same moment by different processes can pick the same
+    shared-memory prefix (``FileExistsError: ... _locals``); nothing was trained yet, so start again.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return run_logged(cmd, log_path, env)
+        except RuntimeError as error:
+            text = log_path.read_text(encoding="utf-8", errors="replace")
+            if attempt == attempts or SHM_RACE not in text or "_locals" not in text:
+                raise
+            print(f"streaming shared-memory race, retrying ({attempt}/{attempts - 1}): {error}".splitlines()[0],
+                  flush=True)
+            time.sleep(5 * attempt)
+    raise AssertionError("unreachable")
+
+
 def prepare_data(mode: Mode, out: Path, env: Mapping[str, str]) -> dict[str, Any]:
     """Generate the splits and build the MDS corpus once (reused when the settings match)."""
     synth, corpus = out / "synth", out / "corpus"
@@ -287,7 +309,7 @@ def run_one(mode: Mode, method: str, seed: int, out: Path, shared: Path, device:
     # A private copy of the corpus: StreamingDataset refuses a local folder another live job uses.
     shutil.copytree(data_dir, run_dir / "corpus")
     print(f"[{method} seed {seed}] training: {shlex.join(train_cmd)}", flush=True)
-    train_seconds = run_logged(train_cmd, run_dir / "train.log", env)
+    train_seconds = run_with_retry(train_cmd, run_dir / "train.log", env)
     shutil.rmtree(run_dir / "corpus", ignore_errors=True)
     print(f"[{method} seed {seed}] trained in {train_seconds:.0f} s; evaluating", flush=True)
     eval_seconds = run_logged(ev_cmd, run_dir / "eval.log", env)
@@ -604,7 +626,7 @@ def _model_summary(mode: Mode) -> str:
     config = dict(OmegaConf.to_container(OmegaConf.load(REPO / RECIPE).model.config))
     config.update(dict(mode.model))
     return (f"StableLM-style, hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
-            f"{config['num_attention_heads']} heads, random init")
+            f"{config['num_attention_heads']} heads; the shared base starts from random init")
 
 
 def _gpu_name() -> str:
