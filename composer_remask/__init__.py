@@ -13,15 +13,25 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ReMask": "composer_remask.algorithm",
-    "remask_loss": "composer_remask.divergence",
-    "token_divergence": "composer_remask.divergence",
+    "remask_loss": "composer_remask.loss",
+    "token_divergence": "composer_remask.loss",
+    "remask_loss_from_rows": "composer_remask.loss",
+    "LossSums": "composer_remask.loss",
+    "DIVERGENCES": "composer_remask.loss",
     "remask_batch": "composer_remask.masking",
 }
-__all__ = ["ReMask", "remask_loss", "token_divergence", "remask_batch"]
+__all__ = ["ReMask", "remask_loss", "remask_loss_from_rows", "LossSums", "DIVERGENCES", "token_divergence",
+           "remask_batch"]
 
 if TYPE_CHECKING:
     from composer_remask.algorithm import ReMask
-    from composer_remask.divergence import remask_loss, token_divergence
+    from composer_remask.loss import (
+        DIVERGENCES,
+        LossSums,
+        remask_loss,
+        remask_loss_from_rows,
+        token_divergence,
+    )
     from composer_remask.masking import remask_batch
 
 

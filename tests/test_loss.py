@@ -1,4 +1,4 @@
-"""remask_loss against a plain, independent computation (DESIGN §2, issue 2 item 3)."""
+"""The ReMask loss against a plain, independent float64 computation (``reference_loss``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from composer_remask import remask_loss
-from composer_remask.divergence import DIVERGENCES, predicted_positions, remask_loss_from_rows
+from composer_remask.loss import (
+    DIVERGENCE_SPECS,
+    DIVERGENCES,
+    DivergenceSpec,
+    LossSums,
+    predicted_positions,
+    remask_loss_from_rows,
+)
 
 
 def reference_loss(logits_full, logits_masked, labels, weight, kind, divergence_mask=None, detach_full=False):
@@ -108,8 +115,8 @@ def test_hidden_state_path_equals_logits_path_in_chunks():
     b, t, targets, div_rows = predicted_positions(labels, None)
     n = int((targets != -100).sum())
     total, sums = remask_loss_from_rows(
-        hidden_full[b, t], hidden_masked[b, t], targets, div_rows, weight=0.2, divergence="sym_kl",
-        detach_full=False, ce_scale=1 / n, div_scale=1 / n, output_weight=head.weight, output_bias=head.bias,
+        hidden_full[b, t], hidden_masked[b, t], targets, div_rows, divergence_weight=0.2, divergence="sym_kl",
+        detach_full=False, ce_scale=1 / n, div_scale=1 / n, head_weight=head.weight, head_bias=head.bias,
         chunk_rows=3)
     total.backward()
     ours = [hidden_full.grad.clone(), hidden_masked.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
@@ -118,7 +125,10 @@ def test_hidden_state_path_equals_logits_path_in_chunks():
     ref = remask_loss(head(hidden_full), head(hidden_masked), labels, weight=0.2)
     ref["total"].backward()
     assert total.item() == pytest.approx(ref["total"].item(), rel=1e-6)
-    assert (sums[0] / n).item() == pytest.approx(ref["ce_full"].item(), rel=1e-6)
+    assert isinstance(sums, LossSums)
+    assert (sums.ce_full / n).item() == pytest.approx(ref["ce_full"].item(), rel=1e-6)
+    assert (sums.ce_masked / n).item() == pytest.approx(ref["ce_masked"].item(), rel=1e-6)
+    assert (sums.divergence / n).item() == pytest.approx(ref["divergence"].item(), rel=1e-6)
     for mine, theirs in zip(ours, [hidden_full.grad, hidden_masked.grad, head.weight.grad, head.bias.grad]):
         torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5)
 
@@ -170,3 +180,99 @@ def test_extreme_logits_stay_finite(kind):
     out["total"].backward()
     assert all(torch.isfinite(v) for v in out.values())
     assert all(torch.isfinite(t.grad).all() for t in inputs)
+
+
+def _hidden_case(seed=8, hidden=8, vocab=29):
+    g = torch.Generator().manual_seed(seed)
+    hidden_full = torch.randn(2, 7, hidden, generator=g)
+    hidden_masked = hidden_full + 0.5 * torch.randn(2, 7, hidden, generator=g)
+    head = torch.nn.Linear(hidden, vocab, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, hidden, generator=g))
+        head.bias.copy_(torch.randn(vocab, generator=g))
+    labels = torch.randint(vocab, (2, 7), generator=g)
+    labels[:, :2] = -100
+    divergence_mask = labels != -100
+    divergence_mask[1, 3] = True  # a divergence-only row
+    return hidden_full, hidden_masked, head, labels, divergence_mask
+
+
+def _rows_loss_and_grads(kind, detach_full, chunk_rows=3, seed=8):
+    hidden_full, hidden_masked, head, labels, divergence_mask = _hidden_case(seed)
+    b, t, targets, div_rows = predicted_positions(labels, divergence_mask)
+    inputs = [hidden_full[b, t].requires_grad_(), hidden_masked[b, t].requires_grad_(), head.weight, head.bias]
+    total, sums = remask_loss_from_rows(
+        inputs[0], inputs[1], targets, div_rows, divergence_weight=0.6, divergence=kind, detach_full=detach_full,
+        ce_scale=0.25, div_scale=0.5, head_weight=head.weight, head_bias=head.bias, chunk_rows=chunk_rows)
+    total.backward()
+    return total.detach(), sums, [p.grad.clone() for p in inputs]
+
+
+@pytest.mark.parametrize("kind", [k for k, spec in DIVERGENCE_SPECS.items() if spec.closed_form is not None])
+@pytest.mark.parametrize("detach_full", [False, True])
+def test_closed_forms_equal_the_autograd_fallback(kind, detach_full, monkeypatch):
+    """A divergence's closed-form gradient is the one autograd finds on its per-token function."""
+    closed = _rows_loss_and_grads(kind, detach_full)
+    monkeypatch.setitem(DIVERGENCE_SPECS, kind, DivergenceSpec(DIVERGENCE_SPECS[kind].per_token))
+    fallback = _rows_loss_and_grads(kind, detach_full)
+    assert closed[0].item() == pytest.approx(fallback[0].item(), rel=1e-6)
+    for mine, theirs in zip(closed[1], fallback[1]):
+        assert mine.item() == pytest.approx(theirs.item(), rel=1e-6, abs=1e-7)
+    for mine, theirs in zip(closed[2], fallback[2]):
+        torch.testing.assert_close(mine, theirs, atol=1e-6, rtol=1e-5)
+
+
+def test_a_new_divergence_is_one_function_and_one_row(monkeypatch):
+    """Registering only a per-token function trains through per-chunk autograd, exactly."""
+    def total_variation(logp_full, logp_masked):
+        return 0.5 * (logp_full.exp() - logp_masked.exp()).abs().sum(-1)
+
+    monkeypatch.setitem(DIVERGENCE_SPECS, "tv", DivergenceSpec(total_variation))
+    logits_full, logits_masked, labels = make_case(seed=9)
+    ours = [logits_full.clone().requires_grad_(), logits_masked.clone().requires_grad_()]
+    out = remask_loss(*ours, labels, weight=0.5, divergence="tv")
+    out["total"].backward()
+    ref_in = [logits_full.double().requires_grad_(), logits_masked.double().requires_grad_()]
+    lf, lm = (torch.log_softmax(x[:, :-1], -1) for x in ref_in)
+    valid = labels[:, 1:] != -100
+    safe = labels[:, 1:].clamp(min=0).unsqueeze(-1)
+    ce = [-lp.gather(-1, safe).squeeze(-1)[valid].mean() for lp in (lf, lm)]
+    div = total_variation(lf, lm)[valid].mean()
+    ref_total = 0.5 * (ce[0] + ce[1]) + 0.5 * div
+    ref_total.backward()
+    assert out["divergence"].item() == pytest.approx(div.item(), rel=1e-5)
+    assert out["total"].item() == pytest.approx(ref_total.item(), rel=1e-5)
+    for mine, theirs in zip(ours, ref_in):
+        torch.testing.assert_close(mine.grad.double(), theirs.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_single_pass_is_the_full_cross_entropy():
+    hidden_full, _, head, labels, _ = _hidden_case(seed=10)
+    b, t, targets, div_rows = predicted_positions(labels, None)
+    rows = hidden_full[b, t].requires_grad_()
+    n = int((targets != -100).sum())
+    total, sums = remask_loss_from_rows(rows, None, targets, div_rows, divergence_weight=0.3, divergence="sym_kl",
+                                        detach_full=False, ce_scale=1 / n, div_scale=1 / n,
+                                        head_weight=head.weight, head_bias=head.bias, chunk_rows=4)
+    total.backward()
+    ref_rows = hidden_full[b, t].double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(ref_rows @ head.weight.double().t() + head.bias.double(), targets)
+    ref.backward()
+    assert total.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert sums.ce_masked.item() == 0.0 and sums.divergence.item() == 0.0
+    torch.testing.assert_close(rows.grad.double(), ref_rows.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_old_signature_shim_returns_the_same_loss():
+    from composer_remask.divergence import remask_loss_from_rows as old_remask_loss_from_rows
+
+    hidden_full, hidden_masked, head, labels, divergence_mask = _hidden_case(seed=11)
+    b, t, targets, div_rows = predicted_positions(labels, divergence_mask)
+    args = (hidden_full[b, t], hidden_masked[b, t], targets, div_rows)
+    common = dict(divergence="sym_kl", detach_full=False, ce_scale=0.1, div_scale=0.2, chunk_rows=5)
+    new_total, new_sums = remask_loss_from_rows(*args, divergence_weight=0.4, head_weight=head.weight,
+                                                head_bias=head.bias, **common)
+    old_total, old_sums = old_remask_loss_from_rows(*args, weight=0.4, output_weight=head.weight,
+                                                    output_bias=head.bias, **common)
+    assert old_total.item() == new_total.item()
+    assert old_sums.tolist() == [s.item() for s in new_sums]
