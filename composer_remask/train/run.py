@@ -20,6 +20,7 @@ from composer import Trainer
 from composer.utils import dist, reproducibility
 
 from composer_remask.export import export_model
+from composer_remask.pretrained import check_training_eos
 from composer_remask.train.builders import (
     build_algorithms,
     build_batch_sizes,
@@ -63,6 +64,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[Trainer, RunReport]:
     train_loader, eval_loader = build_loaders(cfg, tokenizer, sizes)
     parallelism_config = build_parallelism_config(cfg)
     model = build_model(cfg, tokenizer)
+    check_training_eos(cfg, tokenizer, model.model.config)  # refuse an EOS the model or corpus does not share
     optimizer = build_optimizer(cfg, model, use_fsdp=parallelism_config is not None)
     report = RunReport(cfg.console_log_interval)
 
