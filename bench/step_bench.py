@@ -1,14 +1,24 @@
-"""Step time and memory of SFT, a naive ReMask and composer_remask.ReMask, side by side.
+"""Step time and memory of SFT, lean SFT, a naive ReMask and composer_remask.ReMask, side by side.
 
-One model, one batch, one ``composer.Trainer``; the three methods take turns step by step (the
-algorithm list is swapped between one-batch ``fit`` calls), so machine noise hits all of them
+- ``sft``: no algorithm; the Hugging Face loss (full logits at every position);
+- ``lean_sft``: ``ReMask(mask_prob=0)``, the same loss code as ReMask with one pass: the output
+  layer runs at predicted positions only and full logits are never materialized;
+- ``naive``: ReMask written the straightforward way (``bench/naive_remask.py``);
+- ``remask``: ``ReMask()``, two passes.
+
+ReMask over lean SFT is the honest price of the second pass (about 2 by FLOPs); ReMask over
+HF-default SFT is lower because that baseline spends FLOPs and memory on logits at unpredicted
+positions. One model, one batch, one ``composer.Trainer``; the methods take turns step by step
+(the algorithm list is swapped between one-batch ``fit`` calls), so machine noise hits all of them
 alike. Peak memory: on CUDA from the allocator, in the same run; on the CPU each method runs in a
 child process with a fixed mmap threshold, so resident memory tracks live tensors.
 
     python bench/step_bench.py                       # CPU, StableLM-shaped, vocab 50304, seq 256
     python bench/step_bench.py --device cuda --model 3b --batch 16 [--fsdp]
 
-The last line printed is one JSON object (ratios, medians, memory, device, shapes).
+``--model 3b`` is StableLM-3B-4e1t's architecture from the config shipped in
+``composer_remask/configs`` (random weights, nothing downloaded). The last line printed is one
+JSON object (ratios, medians, memory, tokens/s, MFU, device, shapes); ``--json PATH`` also writes it.
 """
 
 from __future__ import annotations
@@ -27,18 +37,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from composer import Trainer  # noqa: E402
-from composer.core import Algorithm, Callback, Event, State  # noqa: E402
+from composer.callbacks.speed_monitor import get_gpu_flops_available  # noqa: E402
+from composer.core import Algorithm, Callback, Event, Precision, State  # noqa: E402
 from composer.loggers import Logger  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from transformers import StableLmConfig, StableLmForCausalLM  # noqa: E402
+from transformers import AutoConfig, StableLmConfig, StableLmForCausalLM  # noqa: E402
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 
 from bench.naive_remask import NaiveReMask  # noqa: E402
 from composer_remask import ReMask  # noqa: E402
 from composer_remask.batch import IGNORE_INDEX, ROLE_ANSWER, ROLE_CONTEXT, ROLE_RATIONALE  # noqa: E402
+from composer_remask.configs import config_dir  # noqa: E402
 from composer_remask.train.model import ComposerCausalLM  # noqa: E402
 
-METHODS = ("sft", "naive", "remask")
+METHODS = ("sft", "lean_sft", "naive", "remask")
+PASSES = {"sft": 1, "lean_sft": 1, "naive": 2, "remask": 2}  # forward+backward passes per step
 VOCAB = 50304
 EOS_ID, MASK_ID = 0, 50281  # GPT-NeoX's EOS; a free id above the tokenizer's 50277 entries
 
@@ -46,16 +59,42 @@ MODELS = {
     # StableLM-shaped, small enough for 2 CPU cores; the output layer weighs what it does at scale.
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=8),
-    # StableLM-3B-4e1t (REFERENCE.md): 2,795,443,200 parameters.
-    "3b": dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32),
+    # For dry runs of the GPU check: seconds per step on a CPU.
+    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=4),
 }
+SHIPPED = {"3b": "stablelm-3b-4e1t"}  # 2,795,443,200 parameters
 
 
 def stablelm_config(model: str) -> StableLmConfig:
+    if model in SHIPPED:
+        config = AutoConfig.from_pretrained(config_dir(SHIPPED[model]))
+        config.use_cache = False
+        return config
     return StableLmConfig(vocab_size=VOCAB, max_position_embeddings=4096, partial_rotary_factor=0.25,
                           rope_theta=10000, layer_norm_eps=1e-5, tie_word_embeddings=False, use_cache=False,
                           bos_token_id=EOS_ID, eos_token_id=EOS_ID, **MODELS[model])
+
+
+def count_parameters(config: StableLmConfig) -> int:
+    """Parameters of the architecture, counted on the meta device (no memory, no init time)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in StableLmForCausalLM(config).parameters())
+
+
+def flops_per_pass(config: StableLmConfig, params: int, rows: int, seq: int) -> float:
+    """Training FLOPs of one forward+backward pass: (6 N + 12 L d T) per token (PaLM, appendix B)."""
+    return float((6 * params + 12 * config.num_hidden_layers * config.hidden_size * seq) * rows * seq)
+
+
+def peak_flops(device: str) -> float | None:
+    """The card's bf16 dense peak as Composer's SpeedMonitor knows it (None off CUDA or if unknown)."""
+    if device != "cuda":
+        return None
+    import types
+
+    value = get_gpu_flops_available(types.SimpleNamespace(precision=Precision.AMP_BF16))
+    return float(value) if value else None
 
 
 def make_batch(rows: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -120,6 +159,9 @@ class StepProbe(Callback):
 def algorithms_for(method: str) -> list[Algorithm]:
     if method == "sft":
         return []
+    if method == "lean_sft":  # one pass through ReMask's loss code: predicted positions only
+        return [ReMask(mask_prob=0.0, weight=0.1, mask_token_id=MASK_ID, seed=0, rationale_label_drop_prob=0.0,
+                       answer_only_prob=0.0)]
     if method == "naive":
         return [NaiveReMask(MASK_ID, [EOS_ID, MASK_ID], mask_prob=0.4, weight=0.1)]
     if method == "remask":  # the naive baseline's objective: no ReMask-CoT label rules
@@ -154,13 +196,14 @@ def build_trainer(args, probe: StepProbe, every_method: list[Algorithm]) -> Trai
 
 def time_methods(args) -> dict[str, dict[str, float]]:
     """Interleave single training steps of every method on one trainer; return medians."""
+    methods = tuple(args.methods)
     probe = StepProbe(args.device)
-    algos = {m: algorithms_for(m) for m in METHODS}
-    trainer = build_trainer(args, probe, [a for m in METHODS for a in algos[m]])  # INIT for all
-    results: dict[str, dict[str, list]] = {m: {"times": [], "peaks": []} for m in METHODS}
+    algos = {m: algorithms_for(m) for m in methods}
+    trainer = build_trainer(args, probe, [a for m in methods for a in algos[m]])  # INIT for all
+    results: dict[str, dict[str, list]] = {m: {"times": [], "peaks": []} for m in methods}
     for step in range(args.warmup + args.steps):
-        order = METHODS[step % 3:] + METHODS[:step % 3]  # rotate who goes first
-        for method in order:
+        shift = step % len(methods)
+        for method in methods[shift:] + methods[:shift]:  # rotate who goes first
             trainer.state.algorithms = list(algos[method])
             trainer.fit(duration="1ba")
             if step >= args.warmup:
@@ -184,8 +227,10 @@ def probe_cpu_memory(args, method: str) -> int:
     cmd = [sys.executable, __file__, "--memory-child", method, "--model", args.model, "--batch", str(args.batch),
            "--seq", str(args.seq)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-    return int(json.loads(out.strip().splitlines()[-1])["peak_bytes"])
+    child = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"memory probe of {method} failed ({child.returncode}):\n{child.stderr[-3000:]}")
+    return int(json.loads(child.stdout.strip().splitlines()[-1])["peak_bytes"])
 
 
 def _read_status(field: str) -> int:
@@ -218,65 +263,115 @@ def memory_child(args) -> None:
     print(json.dumps({"peak_bytes": probe.peaks[-1]}))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--model", default=None, choices=sorted(MODELS), help="default: small on CPU, 3b on CUDA")
+    parser.add_argument("--model", default=None, choices=sorted([*MODELS, *SHIPPED]),
+                        help="default: small on CPU, 3b (StableLM-3B-4e1t's shipped config) on CUDA")
     parser.add_argument("--batch", type=int, default=None, help="rows per step (default 8 CPU, 16 CUDA)")
     parser.add_argument("--microbatch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="methods to time (sft is always included: every ratio is over it)")
     parser.add_argument("--fsdp", action="store_true", help="CUDA: wrap with FSDP (FULL_SHARD, PURE bf16)")
+    parser.add_argument("--no-memory", action="store_true", help="CPU: skip the per-method memory children")
+    parser.add_argument("--json", default=None, help="also write the result JSON to this file")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.model = args.model or ("3b" if args.device == "cuda" else "small")
     args.batch = args.batch or (16 if args.device == "cuda" else 8)
+    args.methods = [m for m in METHODS if m in {"sft", *args.methods}]
+    if args.fsdp and args.device != "cuda":
+        parser.error("--fsdp needs --device cuda (Composer's FSDP runs on CUDA only)")
+    return args
+
+
+def summarize(args, timing: dict[str, dict[str, float]]) -> dict:
+    """Ratios, tokens/s, MFU (passes counted) and memory, as the JSON line reports them."""
+    methods = args.methods
+    config = stablelm_config(args.model)
+    params = count_parameters(config)
+    tokens = args.batch * args.seq
+    one_pass = flops_per_pass(config, params, args.batch, args.seq)
+    peak = peak_flops(args.device)
+    median = {m: timing[m]["median_s"] for m in methods}
+    result: dict = {}
+    if "remask" in methods:
+        result["remask_over_sft"] = median["remask"] / median["sft"]
+        if "lean_sft" in methods:
+            result["remask_over_lean_sft"] = median["remask"] / median["lean_sft"]
+        if "naive" in methods:
+            result["naive_over_remask"] = median["naive"] / median["remask"]
+    if "lean_sft" in methods:
+        result["lean_sft_over_sft"] = median["lean_sft"] / median["sft"]
+    with_peaks = [m for m in (*methods, "body") if "peak_bytes" in timing.get(m, {})]
+    if "body" in with_peaks:
+        body = timing["body"]["peak_bytes"]
+        loss_mem = {m: timing[m]["peak_bytes"] - body for m in methods if m != "sft" and m in with_peaks}
+        if "naive" in loss_mem and "remask" in loss_mem:
+            result["loss_memory_over_naive"] = loss_mem["remask"] / loss_mem["naive"]
+        result["loss_memory_mib"] = {m: v / 2**20 for m, v in loss_mem.items()}
+    result["median_step_s"] = median
+    result["peak_mib"] = {m: timing[m]["peak_bytes"] / 2**20 for m in with_peaks}
+    result["tokens_per_s"] = {m: tokens / median[m] for m in methods}
+    result["tflops_per_s"] = {m: one_pass * PASSES[m] / median[m] / 1e12 for m in methods}
+    if peak:
+        result["mfu"] = {m: one_pass * PASSES[m] / median[m] / peak for m in methods}
+        result["peak_tflops"] = peak / 1e12
+    result.update({
+        "passes": {m: PASSES[m] for m in methods},
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor() or 'x86_64'}, "
+                  f"{torch.get_num_threads()} threads)",
+        "load_average": list(os.getloadavg()), "cpu_count": os.cpu_count(),
+        "model": args.model, "params": params, "vocab": config.vocab_size, "batch": args.batch, "seq": args.seq,
+        "microbatch": args.microbatch or args.batch, "steps": args.steps, "fsdp": args.fsdp,
+        "precision": "amp_bf16" if args.device == "cuda" else "fp32",
+    })
+    return result
+
+
+def print_table(args, timing: dict[str, dict[str, float]], result: dict) -> None:
+    print(f"\n{'method':<9} {'median s':>9} {'min s':>8} {'max s':>8} {'peak MiB':>9} {'x SFT':>6} {'tok/s':>9}"
+          f"{'  MFU':>7}")
+    for method in (*args.methods, "body"):
+        row = timing.get(method)
+        if row is None:
+            continue
+        peak = f"{row['peak_bytes'] / 2**20:9.0f}" if "peak_bytes" in row else f"{'':>9}"
+        if "median_s" in row:
+            mfu = f"{result['mfu'][method]:7.1%}" if "mfu" in result else f"{'':>7}"
+            print(f"{method:<9} {row['median_s']:9.3f} {row['min_s']:8.3f} {row['max_s']:8.3f} {peak} "
+                  f"{row['median_s'] / timing['sft']['median_s']:6.2f} {result['tokens_per_s'][method]:9.0f}{mfu}")
+        else:
+            print(f"{method:<9} {'':>9} {'':>8} {'':>8} {peak}")
+
+
+def run(args: argparse.Namespace) -> dict:
+    timing = time_methods(args)
+    if args.device == "cpu":
+        if not args.no_memory:
+            for method in (*args.methods, "body"):
+                timing.setdefault(method, {})["peak_bytes"] = probe_cpu_memory(args, method)
+    else:
+        timing["body"] = {"peak_bytes": _cuda_body_peak(args)}  # one more step with the decoder-only loss
+    result = summarize(args, timing)
+    print_table(args, timing, result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.memory_child:
         memory_child(args)
         return
-    torch.set_num_threads(torch.get_num_threads())
-    timing = time_methods(args)
-    if args.device == "cpu":
-        for method in (*METHODS, "body"):
-            timing.setdefault(method, {})["peak_bytes"] = probe_cpu_memory(args, method)
-    else:
-        # Body baseline on CUDA: one more step with the decoder-only loss.
-        timing["body"] = {"peak_bytes": _cuda_body_peak(args)}
-    body = timing["body"]["peak_bytes"]
-    loss_mem = {m: timing[m]["peak_bytes"] - body for m in ("naive", "remask")}
-
-    config = stablelm_config(args.model)
-    params = sum(p.numel() for p in StableLmForCausalLM(config).parameters()) if args.model == "small" \
-        else 2_795_443_200
-    tokens = args.batch * args.seq
-    flops_per_pass = (6 * params + 12 * config.num_hidden_layers * config.hidden_size * args.seq) * tokens
-    print(f"\n{'method':<8} {'median s':>9} {'min s':>8} {'max s':>8} {'peak MiB':>9} {'x SFT':>6}")
-    for method in (*METHODS, "body"):
-        row = timing[method]
-        if "median_s" in row:
-            print(f"{method:<8} {row['median_s']:9.3f} {row['min_s']:8.3f} {row['max_s']:8.3f} "
-                  f"{row['peak_bytes'] / 2**20:9.0f} {row['median_s'] / timing['sft']['median_s']:6.2f}")
-        else:
-            print(f"{method:<8} {'':>9} {'':>8} {'':>8} {row['peak_bytes'] / 2**20:9.0f}")
-    result = {
-        "remask_over_sft": timing["remask"]["median_s"] / timing["sft"]["median_s"],
-        "naive_over_remask": timing["naive"]["median_s"] / timing["remask"]["median_s"],
-        "loss_memory_over_naive": loss_mem["remask"] / loss_mem["naive"],
-        "loss_memory_mib": {m: v / 2**20 for m, v in loss_mem.items()},
-        "median_step_s": {m: timing[m]["median_s"] for m in METHODS},
-        "peak_mib": {m: timing[m]["peak_bytes"] / 2**20 for m in (*METHODS, "body")},
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor() or 'x86_64'}, "
-                  f"{torch.get_num_threads()} threads)",
-        "model": args.model, "params": params, "vocab": VOCAB, "batch": args.batch, "seq": args.seq,
-        "microbatch": args.microbatch or args.batch, "steps": args.steps, "fsdp": args.fsdp,
-    }
-    if args.device == "cuda":
-        peak = 989.5e12  # H100 SXM bf16 dense, as Composer's SpeedMonitor
-        result["mfu"] = {m: (flops_per_pass * (1 if m == "sft" else 2)) / timing[m]["median_s"] / peak
-                         for m in METHODS}
-        result["tokens_per_s"] = {m: tokens / timing[m]["median_s"] for m in METHODS}
-    print(json.dumps(result))
+    result = run(args)
+    line = json.dumps(result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(line + "\n")
+    print(line)
 
 
 def _cuda_body_peak(args) -> int:
@@ -285,6 +380,8 @@ def _cuda_body_peak(args) -> int:
     trainer.fit(duration="1ba")
     trainer.fit(duration="1ba")
     trainer.close()
+    del trainer
+    _free_cuda(args)
     return probe.peaks[-1]
 
 
