@@ -1,4 +1,4 @@
-"""The batch contract shared by the data pipeline and the algorithm (DESIGN §2-§3).
+"""The batch contract shared by the data pipeline and the algorithm (see docs/design.md).
 
 Everything that both sides must agree on lives here and nowhere else: token role ids, the
 structural tags, the names of the batch keys and how loss-generating tokens are counted.
@@ -34,8 +34,12 @@ REMASK_SPECIAL_TOKENS = (*STRUCTURAL_TAGS, MASK_TOKEN)
 TOKEN_ROLES_KEY = "token_roles"
 
 
-# Added by ReMask at AFTER_DATALOADER: positions predicted before the ReMask-CoT label rules.
-DIVERGENCE_MASK_KEY = "remask_divergence_mask"
+# Added by ReMask when it prepares a batch (Event.BATCH_START); Composer splits them with the batch.
+DIVERGENCE_MASK_KEY = "remask_divergence_mask"  # positions predicted before the ReMask-CoT label rules
+MASKED_INPUT_IDS_KEY = "remask_masked_input_ids"  # input of the masked pass (absent with one pass)
+SAMPLE_KEYS_KEY = "remask_sample_keys"  # (B,) int64: each row's content key, to see a changed microbatch
+ROW_COUNTS_KEY = "remask_row_counts"  # (B, 2): each row's CE and divergence token counts, likewise
+PREPARED_KEYS = (DIVERGENCE_MASK_KEY, MASKED_INPUT_IDS_KEY, SAMPLE_KEYS_KEY, ROW_COUNTS_KEY)
 
 
 def num_loss_tokens(labels: torch.Tensor) -> int:
@@ -55,3 +59,20 @@ def batch_loss_tokens(batch) -> int:
     if mask is not None:
         return int(mask[..., 1:].sum().item())
     return num_loss_tokens(batch["labels"])
+
+
+def row_counts(labels: torch.Tensor, divergence_mask: torch.Tensor) -> torch.Tensor:
+    """Per row: predicted positions with a label, and positions the divergence covers (B x 2, int64)."""
+    return torch.stack([(labels[..., 1:] != IGNORE_INDEX).sum(-1), divergence_mask[..., 1:].sum(-1)], dim=-1).long()
+
+
+# Set (True) on a ComposerModel whose flops_per_batch already multiplies by forward_passes(batch).
+COUNTS_PASSES_ATTR = "flops_count_remask_passes"
+
+
+def forward_passes(batch) -> int:
+    """Forward+backward passes ReMask runs on this (prepared) batch: 2 with a masked pass, else 1.
+
+    The seam for FLOP counting: ``flops_per_batch`` of one pass times this counts what ran.
+    """
+    return 2 if hasattr(batch, "get") and batch.get(MASKED_INPUT_IDS_KEY) is not None else 1

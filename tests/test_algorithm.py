@@ -100,6 +100,9 @@ def test_ce_full_is_the_models_own_loss_on_the_whole_batch(tiny_tokenizer, micro
     (False, False, "samples"),  # Composer's default
     (True, False, "samples"),  # token accumulation, DataSpec counting padded tokens
     (True, True, "tokens"),  # token accumulation on loss-generating tokens
+    (False, False, "auto"),  # nothing declared: read from the Trainer
+    (True, False, "auto"),
+    (True, True, "auto"),
 ])
 def test_microbatch_size_does_not_change_the_step(tiny_tokenizer, on_tokens, token_spec, weighting):
     results = {}
@@ -234,11 +237,13 @@ def test_evaluation_is_untouched(tiny_tokenizer):
     assert results[0] == results[1]
 
 
-def test_state_dict_round_trip():
+def test_state_dict_round_trip_keeps_composers_keys():
     algo = ReMask(seed=123)
+    state = algo.state_dict()
+    assert state["seed"] == 123 and state["repr"] == repr(algo)
     other = ReMask()
-    other.load_state_dict(algo.state_dict())
-    assert other.seed == 123
+    other.load_state_dict(state)
+    assert other.state_dict()["seed"] == 123
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -279,7 +284,7 @@ def test_two_processes_match_one_process(tmp_path):
 @pytest.mark.parametrize("divergence", ["sym_kl", "js"])
 def test_one_step_matches_an_independent_reference(tiny_tokenizer, divergence):
     """Trainer + ReMask (label drops, 2 microbatches) == textbook loss on the same masks, by autograd."""
-    from composer_remask.masking import remask_batch
+    from composer_remask.masking import MaskVocabulary, remask_batch
     from tests.test_loss import reference_loss
 
     kwargs = dict(mask_prob=0.5, weight=0.7, divergence=divergence, rationale_label_drop_prob=0.3,
@@ -290,9 +295,9 @@ def test_one_step_matches_an_independent_reference(tiny_tokenizer, divergence):
     batch = collate([CoTDataset(tiny_tokenizer, 4)[i] for i in range(4)])
     mask_id = tiny_tokenizer.convert_tokens_to_ids("<|mask|>")
     masked = remask_batch(batch["input_ids"], batch["labels"], batch["token_roles"], batch["attention_mask"],
-                          mask_prob=0.5, mask_token_id=mask_id, rationale_label_drop_prob=0.3,
-                          answer_only_prob=0.3, seed=21, batch_index=0,
-                          protected_token_ids=torch.tensor(tiny_tokenizer.all_special_ids))
+                          mask_prob=0.5, rationale_label_drop_prob=0.3, answer_only_prob=0.3, seed=21,
+                          batch_index=0, vocabulary=MaskVocabulary(
+                              mask_token_id=mask_id, protected_ids=torch.tensor(tiny_tokenizer.all_special_ids)))
     model.train()
     logits_full = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits_masked = model.model(input_ids=masked.masked_input_ids, attention_mask=batch["attention_mask"]).logits
@@ -307,7 +312,7 @@ def test_one_step_matches_an_independent_reference(tiny_tokenizer, divergence):
 
 
 def test_a_loss_weighting_that_does_not_match_the_trainer_is_an_error(tiny_tokenizer):
-    with pytest.raises(ValueError, match="loss_weighting='tokens'"):
+    with pytest.raises(ValueError, match="loss_weighting='samples'.*does not match.*'auto'"):
         run(tiny_tokenizer, [ReMask(loss_weighting="samples")], microbatch=1, on_tokens=True, token_spec=True)
 
 

@@ -1,4 +1,4 @@
-"""Masking rules, label rules and their determinism (DESIGN §2, issue 2 item 2)."""
+"""Masking rules, label rules and their determinism (what a sample's masks may depend on)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from composer_remask.batch import (
     ROLE_RATIONALE,
     ROLE_RESPONSE,
 )
-from composer_remask.masking import remask_batch
+from composer_remask.masking import MaskVocabulary, content_sample_keys, remask_batch
 from tests.helpers.synthetic import CoTDataset, collate
 
 MASK_ID = 404
@@ -28,10 +28,13 @@ def protected(tokenizer):
     return torch.tensor(tokenizer.all_special_ids)
 
 
+def vocab(tokenizer, **kwargs):
+    return MaskVocabulary(**{"mask_token_id": MASK_ID, "protected_ids": protected(tokenizer), **kwargs})
+
+
 def test_mask_rate_matches_probability_and_never_touches_other_roles(cot_batch, tiny_tokenizer):
     out = remask_batch(cot_batch["input_ids"], cot_batch["labels"], cot_batch["token_roles"],
-                       cot_batch["attention_mask"], mask_prob=0.4, mask_token_id=MASK_ID,
-                       protected_token_ids=protected(tiny_tokenizer), seed=3)
+                       cot_batch["attention_mask"], mask_prob=0.4, vocabulary=vocab(tiny_tokenizer), seed=3)
     roles = cot_batch["token_roles"]
     changed = out.masked_input_ids != cot_batch["input_ids"]
     assert torch.equal(changed, out.input_mask)
@@ -48,7 +51,7 @@ def test_mask_rate_matches_probability_and_never_touches_other_roles(cot_batch, 
 
 def test_without_roles_every_labelled_position_is_a_response(cot_batch, tiny_tokenizer):
     out = remask_batch(cot_batch["input_ids"], cot_batch["labels"], None, cot_batch["attention_mask"],
-                       mask_prob=1.0, mask_token_id=MASK_ID, protected_token_ids=protected(tiny_tokenizer))
+                       mask_prob=1.0, vocabulary=vocab(tiny_tokenizer))
     labelled = cot_batch["labels"] != IGNORE_INDEX
     tags = torch.isin(cot_batch["input_ids"], protected(tiny_tokenizer))
     assert torch.equal(out.input_mask, labelled & ~tags)
@@ -56,11 +59,11 @@ def test_without_roles_every_labelled_position_is_a_response(cot_batch, tiny_tok
 
 def test_random_replacement_never_yields_special_tokens(cot_batch, tiny_tokenizer):
     special = protected(tiny_tokenizer)
-    vocab = torch.arange(len(tiny_tokenizer))
-    candidates = vocab[~torch.isin(vocab, special)]
+    everything = torch.arange(len(tiny_tokenizer))
+    candidates = everything[~torch.isin(everything, special)]
     out = remask_batch(cot_batch["input_ids"], cot_batch["labels"], cot_batch["token_roles"],
-                       mask_prob=1.0, mask_strategy="random", random_candidates=candidates,
-                       protected_token_ids=special, seed=1)
+                       mask_prob=1.0, seed=1,
+                       vocabulary=vocab(tiny_tokenizer, strategy="random", random_candidates=candidates))
     replaced = out.masked_input_ids[out.input_mask]
     assert replaced.numel() > 100
     assert not torch.isin(replaced, special).any()
@@ -69,15 +72,14 @@ def test_random_replacement_never_yields_special_tokens(cot_batch, tiny_tokenize
 
 def test_pad_strategy_uses_pad_id(cot_batch, tiny_tokenizer):
     out = remask_batch(cot_batch["input_ids"], cot_batch["labels"], cot_batch["token_roles"],
-                       mask_prob=0.5, mask_strategy="pad", pad_token_id=7,
-                       protected_token_ids=protected(tiny_tokenizer))
+                       mask_prob=0.5, vocabulary=vocab(tiny_tokenizer, strategy="pad", pad_token_id=7))
     assert (out.masked_input_ids[out.input_mask] == 7).all() and out.input_mask.any()
 
 
 def test_label_rules_drop_rationale_only(cot_batch, tiny_tokenizer):
     roles, labels = cot_batch["token_roles"], cot_batch["labels"]
     out = remask_batch(cot_batch["input_ids"], labels, roles, mask_prob=0.0, rationale_label_drop_prob=0.3,
-                       answer_only_prob=0.0, protected_token_ids=protected(tiny_tokenizer), seed=5)
+                       answer_only_prob=0.0, vocabulary=vocab(tiny_tokenizer), seed=5)
     answer = roles == ROLE_ANSWER
     assert torch.equal(out.labels[answer], labels[answer])  # answer labels never dropped
     rationale = (roles == ROLE_RATIONALE) & (labels != IGNORE_INDEX)
@@ -103,15 +105,16 @@ def test_answer_only_drops_whole_rationales(tiny_tokenizer):
     assert torch.equal(out.labels[roles == ROLE_ANSWER], labels[roles == ROLE_ANSWER])
 
 
-def test_masks_depend_on_sample_index_not_on_split_or_padding(cot_batch, tiny_tokenizer):
-    kwargs = dict(mask_prob=0.4, mask_token_id=MASK_ID, protected_token_ids=protected(tiny_tokenizer),
-                  rationale_label_drop_prob=0.2, answer_only_prob=0.2, seed=11, batch_index=7)
-    whole = remask_batch(cot_batch["input_ids"], cot_batch["labels"], cot_batch["token_roles"], **kwargs)
-    # Rows 10..13 alone, re-padded to their own longest length, as another rank would hold them.
-    rows = list(range(10, 14))
+@pytest.mark.parametrize("rows", [list(range(10, 14)), [3, 21, 40, 63], [63, 1, 32]])
+def test_masks_depend_on_sample_content_not_on_place_split_or_padding(cot_batch, tiny_tokenizer, rows):
+    """Any subset, in any order, re-padded (contiguous ranks, interleaved samplers), draws the same masks."""
+    kwargs = dict(mask_prob=0.4, vocabulary=vocab(tiny_tokenizer), rationale_label_drop_prob=0.2,
+                  answer_only_prob=0.2, seed=11, batch_index=7)
+    whole = remask_batch(cot_batch["input_ids"], cot_batch["labels"], cot_batch["token_roles"],
+                         cot_batch["attention_mask"], **kwargs)
     width = int(cot_batch["attention_mask"][rows].sum(1).max())
     part = remask_batch(cot_batch["input_ids"][rows, :width], cot_batch["labels"][rows, :width],
-                        cot_batch["token_roles"][rows, :width], sample_indices=rows, **kwargs)
+                        cot_batch["token_roles"][rows, :width], cot_batch["attention_mask"][rows, :width], **kwargs)
     assert torch.equal(part.masked_input_ids, whole.masked_input_ids[rows, :width])
     assert torch.equal(part.labels, whole.labels[rows, :width])
     # Another batch index or seed draws other masks.
@@ -120,18 +123,28 @@ def test_masks_depend_on_sample_index_not_on_split_or_padding(cot_batch, tiny_to
     assert not torch.equal(other.input_mask, whole.input_mask)
 
 
+def test_content_keys_ignore_padding_but_not_tokens(cot_batch):
+    ids, attention = cot_batch["input_ids"][:4], cot_batch["attention_mask"][:4]
+    keys = content_sample_keys(ids, attention)
+    wider = torch.nn.functional.pad(ids, (0, 5), value=0)
+    assert content_sample_keys(wider, torch.nn.functional.pad(attention, (0, 5))) == keys
+    assert content_sample_keys(wider, None, pad_token_id=0) == content_sample_keys(ids, None, pad_token_id=0)
+    changed = ids.clone()
+    changed[0, 1] += 1
+    assert content_sample_keys(changed, attention)[1:] == keys[1:] and content_sample_keys(changed, attention)[0] != keys[0]
+    assert len(set(keys)) == 4
+
+
 def test_no_maskable_token_and_all_masked_are_fine(tiny_tokenizer):
     ids = torch.tensor([[400, 5, 6, 403, 7, 0]])
     roles = torch.tensor([[ROLE_CONTEXT] * 4 + [ROLE_ANSWER] * 2], dtype=torch.int8)
     labels = torch.tensor([[-100, -100, -100, -100, 7, 0]])
-    out = remask_batch(ids, labels, roles, mask_prob=1.0, mask_token_id=MASK_ID,
-                       protected_token_ids=protected(tiny_tokenizer))
+    out = remask_batch(ids, labels, roles, mask_prob=1.0, vocabulary=vocab(tiny_tokenizer))
     assert not out.input_mask.any() and torch.equal(out.masked_input_ids, ids)
     roles = torch.tensor([[ROLE_CONTEXT, ROLE_RESPONSE, ROLE_RESPONSE, ROLE_RESPONSE, ROLE_RESPONSE, ROLE_RESPONSE]],
                          dtype=torch.int8)
     labels = ids.masked_fill(roles == ROLE_CONTEXT, -100)
-    out = remask_batch(ids, labels, roles, mask_prob=1.0, mask_token_id=MASK_ID,
-                       protected_token_ids=protected(tiny_tokenizer))
+    out = remask_batch(ids, labels, roles, mask_prob=1.0, vocabulary=vocab(tiny_tokenizer))
     # every non-tag response token is masked; tags (403, EOS 0) stay
     assert out.masked_input_ids.tolist() == [[400, MASK_ID, MASK_ID, 403, MASK_ID, 0]]
 
@@ -140,6 +153,7 @@ def test_invalid_arguments_are_clear_errors(cot_batch):
     with pytest.raises(ValueError, match="mask_token_id"):
         remask_batch(cot_batch["input_ids"], cot_batch["labels"], mask_prob=0.5)
     with pytest.raises(ValueError, match="shape"):
-        remask_batch(cot_batch["input_ids"][:, :-1], cot_batch["labels"], mask_prob=0.5, mask_token_id=1)
+        remask_batch(cot_batch["input_ids"][:, :-1], cot_batch["labels"], mask_prob=0.5,
+                     vocabulary=MaskVocabulary(mask_token_id=1))
     with pytest.raises(ValueError, match="unknown mask_strategy"):
-        remask_batch(cot_batch["input_ids"], cot_batch["labels"], mask_prob=0.5, mask_strategy="zero")
+        MaskVocabulary(strategy="zero")

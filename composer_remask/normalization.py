@@ -1,0 +1,153 @@
+"""Exact token means across microbatches and ranks, whatever Composer's microbatch weighting.
+
+Composer multiplies each microbatch's loss by a weight ``c = u(microbatch) / mean over ranks of
+u(rank's batch)``, where ``u`` counts samples (the default) or loss-generating tokens
+(``accumulate_train_batch_on_tokens=True``, counted by the DataSpec), and DDP then averages the
+ranks' gradients. ReMask's loss is a token mean over the whole global batch, so each microbatch
+hands Composer its token sums scaled by ``world_size / (c * global tokens)``: Composer's weight
+and DDP's average then cancel and every token counts ``1 / global tokens``, exactly.
+
+``c`` is read from the Trainer itself (the values Composer is about to use for this microbatch),
+so neither the weighting mode nor the DataSpec's counting function has to be known or configured.
+Where that is not possible, ``c`` is computed from a declared mode, and :class:`WeightingProbe`
+checks the declaration against what the Trainer really applied on the first microbatch.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+LOSS_WEIGHTINGS = ("auto", "samples", "tokens")
+
+# The Trainer method that applies the microbatch weight, and the locals it computes it from.
+_TRAINER_MICROBATCH_FRAME = "_train_microbatch"
+_MICROBATCH_SIZE, _BATCH_SIZE = "microbatch_size", "current_batch_size"
+
+
+@dataclass(frozen=True)
+class GlobalCounts:
+    """Counts of one global batch (all ranks), taken once the batch is final."""
+
+    samples: float  # rows
+    ce_tokens: float  # positions with a label (after the ReMask-CoT label rules)
+    divergence_tokens: float  # positions the divergence averages over (what batch_loss_tokens counts)
+    masked: float  # input positions replaced in the masked pass
+    maskable: float  # input positions that could have been replaced
+
+    @classmethod
+    def gather(cls, local: torch.Tensor, device: Any = None) -> GlobalCounts:
+        """Sum ``[samples, ce_tokens, divergence_tokens, masked, maskable]`` (float64) over the ranks."""
+        from composer.utils import dist
+
+        if dist.get_world_size() > 1:
+            reduced = local if device is None else device.tensor_to_device(local)
+            dist.all_reduce(reduced, reduce_operation="SUM")
+            local = reduced.cpu()
+        return cls(*(float(x) for x in local[:5]))
+
+
+def composer_microbatch_weight(max_depth: int = 32) -> float | None:
+    """The weight the running Composer Trainer will multiply this microbatch's loss by, if found.
+
+    Called from an algorithm while Composer trains a microbatch (``BEFORE_FORWARD`` ...
+    ``BEFORE_BACKWARD``): Composer has already computed ``microbatch_size`` and
+    ``current_batch_size`` in ``Trainer._train_microbatch``, from its own DataSpec and its own
+    ``accumulate_train_batch_on_tokens`` setting. Returns ``None`` outside such a call.
+    """
+    from composer import Trainer
+
+    frame = inspect.currentframe()
+    try:
+        for _ in range(max_depth):
+            frame = frame.f_back if frame is not None else None
+            if frame is None:
+                return None
+            if frame.f_code.co_name != _TRAINER_MICROBATCH_FRAME:
+                continue
+            scope = frame.f_locals
+            if not isinstance(scope.get("self"), Trainer):
+                continue
+            size, total = scope.get(_MICROBATCH_SIZE), scope.get(_BATCH_SIZE)
+            if isinstance(size, (int, float)) and isinstance(total, (int, float)) and total > 0:
+                return float(size) / float(total)
+            return None
+        return None
+    finally:
+        del frame
+
+
+def declared_microbatch_weight(loss_weighting: str, microbatch: Mapping[str, Any], counts: GlobalCounts,
+                               world_size: int) -> float:
+    """Composer's weight under a declared mode (``samples`` or ``tokens`` counted by batch_loss_tokens)."""
+    from composer_remask.batch import batch_loss_tokens
+
+    if loss_weighting == "samples":
+        mine, total = float(microbatch["input_ids"].shape[0]), counts.samples
+    elif loss_weighting == "tokens":
+        mine, total = float(batch_loss_tokens(microbatch)), counts.divergence_tokens
+    else:
+        raise ValueError(f"no declared microbatch weight for loss_weighting={loss_weighting!r}")
+    return mine / (total / world_size) if total > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class MicrobatchScales:
+    """Multipliers of this microbatch's token sums (CE and divergence) in the loss handed to Composer."""
+
+    ce: float
+    divergence: float
+    composer_weight: float
+
+
+def microbatch_scales(counts: GlobalCounts, composer_weight: float, world_size: int) -> MicrobatchScales:
+    """Scales so that ``composer_weight * sums * scale``, averaged over ranks, is the global token mean."""
+    factor = world_size / composer_weight if composer_weight > 0 else 0.0
+    return MicrobatchScales(
+        ce=factor / counts.ce_tokens if counts.ce_tokens > 0 else 0.0,
+        divergence=factor / counts.divergence_tokens if counts.divergence_tokens > 0 else 0.0,
+        composer_weight=composer_weight,
+    )
+
+
+class WeightingProbe:
+    """Checks, once, that Composer applied the microbatch weight the normalization assumed.
+
+    Composer scales ``state.loss['total']`` in place by its weight before backward, so the value
+    after backward divided by the value before is the weight it really used. A grad scaler scales
+    a copy instead (the ratio is 1): nothing can be learned from that microbatch.
+    """
+
+    def __init__(self) -> None:
+        self.confirmed = False
+        self._armed: tuple[torch.Tensor, float, float] | None = None
+
+    @property
+    def armed(self) -> bool:
+        return self._armed is not None
+
+    def arm(self, total: torch.Tensor, expected_weight: float) -> None:
+        if not self.confirmed and expected_weight > 0:
+            self._armed = (total, float(total.detach()), expected_weight)
+
+    def applied_weight(self) -> tuple[float, float] | None:
+        """``(applied, expected)`` for the armed microbatch, or ``None`` when it tells nothing."""
+        if self._armed is None:
+            return None
+        total, before, expected = self._armed
+        self._armed = None
+        if before == 0.0:
+            return None
+        applied = float(total.detach()) / before
+        if applied == 1.0 and expected != 1.0:
+            return None
+        self.confirmed = True
+        return applied, expected
+
+    @staticmethod
+    def matches(applied: float, expected: float) -> bool:
+        return abs(applied - expected) <= 1e-4 * max(1.0, abs(expected))
