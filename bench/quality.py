@@ -38,6 +38,14 @@ with per-seed points; CE and divergence curves).
     python bench/quality.py --device cuda    # training and evaluation on the GPU
     python bench/quality.py --report-only    # redo table and plot from quality.json
 
+The multi-epoch regime (bench/quality_task/sweep.py: a small training set seen for several epochs,
+a sweep of mask rate x weight x divergence with 3 seeds per cell, a validation split for choosing,
+per-epoch held-out exact match and exposure-bias measures):
+
+    python bench/quality.py --regime epochs --quick       # 3 cells x 1 seed, 2 epochs (minutes)
+    python bench/quality.py --regime epochs               # 8 cells x 3 seeds (about an hour on 2 CPU cores)
+    python bench/quality.py --base smollm2-135m --device cuda   # the pretrained base (~8 min on one H100/H200)
+
 On CPU, runs go two at a time (``--jobs``) with one thread each (``--threads``): on a shared
 2-core machine this is much faster than one run with two threads. Finished runs (and the base) are
 reused when the script is started again with the same settings (``--fresh`` redoes them).
@@ -538,7 +546,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="reuse the data and shared base of an earlier grid's work folder (for ablations)")
     parser.add_argument("--fresh", action="store_true", help="redo runs that already have a record")
     parser.add_argument("--report-only", action="store_true", help="rebuild quality.md and quality.png from quality.json")
+    epochs = parser.add_argument_group(
+        "multi-epoch regime (--regime epochs): a small training set seen for several epochs, a sweep of "
+        "cells (mask rate x weight x divergence), validation split for choosing; bench/quality_task/sweep.py")
+    epochs.add_argument("--regime", choices=("steps", "epochs"), default="steps",
+                        help="steps: the one-pass grid above (default); epochs: the multi-epoch sweep")
+    epochs.add_argument("--base", default="tiny",
+                        help="epochs regime: 'tiny' (trained here) or a remask-import-gguf name, e.g. smollm2-135m "
+                             "(implies --regime epochs)")
+    epochs.add_argument("--cells", help="comma-separated sweep cells (default: the regime's)")
+    epochs.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the regime's)")
+    epochs.add_argument("--n-val", type=int, help="validation problems")
+    epochs.add_argument("--label", default="", help="a line printed at the top of the results (e.g. 'PILOT ...')")
     args = parser.parse_args(argv)
+    if args.regime == "epochs" or args.base != "tiny":
+        return _main_epochs(args, parser, argv)
 
     out = Path(args.out or ("runs/quality-quick" if args.quick else "runs/quality"))
     out = out if out.is_absolute() else REPO / out
@@ -618,6 +640,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("failed runs:\n" + "\n".join(failures), file=sys.stderr)
         return 1
     return 0
+
+
+def _main_epochs(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """``--regime epochs`` (or ``--base NAME``): the multi-epoch sweep of bench/quality_task/sweep.py."""
+    if str(REPO) not in sys.path:  # run as a script: bench/ is on the path, the repository root is not
+        sys.path.insert(0, str(REPO))
+    from bench.quality_task import sweep
+
+    if args.base != "tiny":
+        if args.base not in sweep.REGIMES:
+            parser.error(f"--base {args.base!r}: known bases: tiny, {', '.join(r for r in sweep.REGIMES if r not in ('quick', 'full'))}")
+        regime = sweep.REGIMES[args.base]
+        if args.quick:
+            regime = dataclasses.replace(regime, name=f"{args.base}-quick", seeds=(0,), epochs=1, n_train=32,
+                                         n_val=16, n_test=16)
+    else:
+        regime = sweep.REGIMES["quick" if args.quick else "full"]
+    changes: dict[str, Any] = {}
+    if args.seeds:
+        changes["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if args.cells:
+        cells = tuple(c.strip() for c in args.cells.split(",") if c.strip())
+        unknown = [c for c in cells if c not in sweep.CELLS]
+        if unknown:
+            parser.error(f"unknown cell(s) {unknown}; known: {', '.join(sweep.CELLS)}")
+        changes["cells"] = cells
+    for key in ("epochs", "batch", "n_train", "n_val", "n_test", "lr", "base_steps"):
+        if getattr(args, key) is not None:
+            changes[key] = getattr(args, key)
+    if args.set:
+        changes["extra"] = tuple(args.set)
+    regime = dataclasses.replace(regime, **changes)
+    suffix = "" if args.base == "tiny" else f"-{args.base}"
+    out = Path(args.out or f"runs/quality-epochs{suffix}{'-quick' if args.quick else ''}")
+    out = out if out.is_absolute() else REPO / out
+    results_dir = Path(args.results) if args.results else (
+        out if args.quick else REPO / "bench" / "results" / f"epochs{suffix}")
+    if args.report_only:
+        results = json.loads((results_dir / "quality_epochs.json").read_text())
+        print(sweep.report(results, results_dir))
+        return 0
+    jobs = args.jobs or (2 if args.device == "cpu" else 3)
+    threads = args.threads if args.device == "cpu" else max(args.threads, 4)
+    command = "python bench/quality.py" + "".join(f" {shlex.quote(a)}" for a in
+                                                  (argv if argv is not None else sys.argv[1:]))
+    return sweep.run(regime, out=out, results_dir=results_dir, device=args.device, jobs=jobs, threads=threads,
+                     fresh=args.fresh, command=command, label=args.label)
 
 
 def _model_summary(mode: Mode) -> str:

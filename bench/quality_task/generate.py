@@ -17,9 +17,10 @@ Every intermediate value stays in ``[0, max_value]``, so no negative numbers app
 
 Splits are disjoint by prompt (the prompt determines the answer) and deterministic in ``--seed``::
 
-    python -m bench.quality_task.generate OUT_DIR [--train 20000] [--test 500] [--seed 0] [--steps 3-5]
+    python -m bench.quality_task.generate OUT_DIR [--train 20000] [--test 500] [--val 0] [--seed 0] [--steps 3-5]
 
-writes ``OUT_DIR/train.jsonl``, ``OUT_DIR/test.jsonl`` and ``OUT_DIR/meta.json`` (the settings).
+writes ``OUT_DIR/train.jsonl``, ``OUT_DIR/test.jsonl`` (``val.jsonl`` with ``--val``) and
+``OUT_DIR/meta.json`` (the settings).
 """
 
 from __future__ import annotations
@@ -159,16 +160,22 @@ def generate_splits(n_train: int, n_test: int, seed: int = 0,
 
 
 def write_splits(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0,
-                 difficulty: Difficulty = Difficulty()) -> dict[str, Any]:
-    """Write ``train.jsonl``, ``test.jsonl`` and ``meta.json`` under ``out_dir``; return the meta."""
+                 difficulty: Difficulty = Difficulty(), n_val: int = 0) -> dict[str, Any]:
+    """Write ``train.jsonl``, ``test.jsonl`` (and ``val.jsonl``) and ``meta.json``; return the meta.
+
+    ``n_val`` validation rows (for choosing epochs and settings without touching the test rows) are
+    the first draws of the training side: disjoint from both other splits.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train, test = generate_splits(n_train, n_test, seed, difficulty)
-    for name, rows in (("train", train), ("test", test)):
+    train, test = generate_splits(n_train + n_val, n_test, seed, difficulty)
+    val, train = train[:n_val], train[n_val:]
+    splits = [("train", train), ("test", test)] + ([("val", val)] if n_val else [])
+    for name, rows in splits:
         with (out / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
-    meta = {"seed": seed, "train": len(train), "test": len(test), "source": SOURCE,
+    meta = {"seed": seed, "train": len(train), "test": len(test), **({"val": n_val} if n_val else {}), "source": SOURCE,
             "difficulty": dataclasses.asdict(difficulty)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
@@ -189,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("out_dir")
     parser.add_argument("--train", type=int, default=20000, help="training rows")
     parser.add_argument("--test", type=int, default=500, help="held-out rows")
+    parser.add_argument("--val", type=int, default=0, help="validation rows (val.jsonl), for choosing settings")
     parser.add_argument("--seed", type=int, default=0)
     defaults = Difficulty()
     parser.add_argument("--steps", type=parse_steps, default=(defaults.min_steps, defaults.max_steps),
@@ -203,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         difficulty = Difficulty(args.steps[0], args.steps[1], args.max_value, args.max_start, args.max_operand,
                                 args.max_factor, args.style)
-        meta = write_splits(args.out_dir, args.train, args.test, args.seed, difficulty)
+        meta = write_splits(args.out_dir, args.train, args.test, args.seed, difficulty, n_val=args.val)
     except ValueError as error:
         print(f"generate: {error}", file=sys.stderr)
         return 2

@@ -1,0 +1,133 @@
+"""The multi-epoch quality regime's pieces: the per-epoch evaluator on a real tiny model, choosing on
+the validation split, and the report (table + plot) on made-up run records. The sweep itself
+(`python bench/quality.py --regime epochs --quick`) trains several models and takes minutes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.quality_task import sweep  # noqa: E402
+from bench.quality_task.epoch_eval import evaluate_rows  # noqa: E402
+from bench.quality_task.generate import write_splits  # noqa: E402
+
+
+def test_validation_split_is_disjoint_and_keeps_the_old_splits(tmp_path: Path) -> None:
+    meta = write_splits(tmp_path / "a", 200, 50, seed=3, n_val=40)
+    assert (meta["train"], meta["test"], meta["val"]) == (200, 50, 40)
+    prompts = {name: {json.loads(line)["prompt"] for line in (tmp_path / "a" / f"{name}.jsonl").read_text().splitlines()}
+               for name in ("train", "val", "test")}
+    assert not (prompts["train"] & prompts["val"]) and not (prompts["val"] & prompts["test"])
+    assert not (prompts["train"] & prompts["test"])
+    write_splits(tmp_path / "b", 200, 50, seed=3)   # without --val nothing changes for earlier benchmarks
+    assert (tmp_path / "b" / "test.jsonl").read_text() == (tmp_path / "a" / "test.jsonl").read_text()
+    assert not (tmp_path / "b" / "val.jsonl").exists()
+
+
+class _Echo(torch.nn.Module):
+    """A 'model' whose greedy continuation is a fixed text: checks the evaluator's bookkeeping."""
+
+    def __init__(self, tokenizer, answers: dict[str, str]) -> None:
+        super().__init__()
+        self.tokenizer, self.answers = tokenizer, answers
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+        rows = []
+        for ids in input_ids:
+            text = self.tokenizer.decode([i for i in ids.tolist() if i != self.tokenizer.pad_token_id])
+            continuation = next(v for k, v in self.answers.items() if k in text)
+            new = self.tokenizer.encode(continuation, add_special_tokens=False)[:max_new_tokens]
+            rows.append(ids.tolist() + new)
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+        return torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+
+    def forward(self, input_ids, attention_mask):
+        # Teacher forcing: predict every next token right (one-hot logits on the shifted ids).
+        vocab = len(self.tokenizer)
+        shifted = torch.cat([input_ids[:, 1:], input_ids[:, -1:]], dim=1)
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(shifted, vocab).float()})()
+
+
+def test_evaluator_scores_strict_match_by_length(tiny_tokenizer) -> None:
+    rows = [{"prompt": "Start with 2. Add 3. What is the result?", "rationale": "2 + 3 = 5.", "target": "5"},
+            {"prompt": "Start with 4. Add 1, then multiply by 2. What is the result?",
+             "rationale": "4 + 1 = 5. 5 * 2 = 10.", "target": "10"}]
+    model = _Echo(tiny_tokenizer, {"Start with 2.": "2 + 3 = 5.\n<|answer|>\n5",
+                                   "Start with 4.": "4 + 1 = 5. 5 * 2 = 11.\n<|answer|>\n11"})
+    result = evaluate_rows(model, tiny_tokenizer, rows, batch_size=1)
+    assert result["accuracy"] == 0.5 and result["accuracy_by_length"] == {"1": 1.0, "2": 0.0}
+    assert result["step_acc_teacher_forced"] == 1.0 and result["predicted_by_length"]["2"] == 1.0
+
+
+def test_evaluator_runs_on_a_real_model(tiny_tokenizer, tiny_model_factory, tmp_path: Path) -> None:
+    write_splits(tmp_path, 4, 6, seed=0)
+    rows = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    model = tiny_model_factory(seed=1)
+    result = evaluate_rows(model, tiny_tokenizer, rows, max_new_tokens=8, batch_size=4)
+    assert result["n"] == 6 and 0.0 <= result["step_acc_teacher_forced"] <= 1.0
+    assert sum(result["count_by_length"].values()) == 6
+    assert model.training is False or model.training is True  # restored, whatever it was
+
+
+def _record(cell: str, seed: int, val: list[float], test: list[float]) -> dict:
+    epochs = [{"epoch": ep, "val": {"accuracy": v, "accuracy_flexible": v, "accuracy_by_length": {"2": v},
+                                    "step_acc_teacher_forced": 0.9, "predicted_by_length": {"2": 0.81}},
+               "test": {"accuracy": t, "accuracy_flexible": t, "accuracy_by_length": {"2": t, "3": t / 2},
+                        "step_acc_teacher_forced": 0.9, "predicted_by_length": {"2": 0.81, "3": 0.729}}}
+              for ep, (v, t) in enumerate(zip(val, test))]
+    chosen = sweep.val_chosen(epochs)
+    c = sweep.CELLS[cell]
+    return {"cell": cell, "label": c.label, "method": c.method, "seed": seed, "epochs": epochs,
+            "test_final": test[-1], "val_final": val[-1], "val_chosen_epoch": chosen["epoch"],
+            "val_at_chosen": chosen["val"]["accuracy"], "test_at_chosen": chosen["test"]["accuracy"],
+            "test_peak": max(test), "test_peak_epoch": test.index(max(test)),
+            "test_by_length_final": {"2": test[-1], "3": test[-1] / 2}, "step_acc_teacher_forced_final": 0.9,
+            "final_ce": 0.1, "final_divergence": None if c.weight == 0 else 0.5, "train_seconds": 10.0}
+
+
+def test_choices_use_validation_only_and_report_renders(tmp_path: Path) -> None:
+    # SFT peaks at epoch 1 and falls; ReMask keeps rising. The test rows disagree with the
+    # validation rows on purpose: the choice must follow validation.
+    runs = [_record("sft", s, [0.1, 0.6, 0.4], [0.1, 0.9, 0.3]) for s in (0, 1)]
+    runs += [_record("remask-p0.4-w0.1", s, [0.1, 0.5, 0.7], [0.1, 0.4, 0.5]) for s in (0, 1)]
+    assert runs[0]["val_chosen_epoch"] == 1 and runs[2]["val_chosen_epoch"] == 2
+    summary = sweep.summarize(runs)
+    assert sweep.best_cell(summary) == "remask-p0.4-w0.1"
+    assert summary["sft"]["test_by_epoch"]["1"] == (0.9, 0.0)
+    settings = {"mode": "test", "label": "PILOT", "base": "tiny", "base_steps": 1, "base_n_train": 1, "epochs": 2,
+                "n_train": 8, "steps": "2-3", "batch": 4, "lr": 1e-3, "seeds": [0, 1], "n_val": 4, "n_test": 4,
+                "device": "cpu", "jobs": 1, "threads": 1, "wall_seconds": 60, "machine": "test",
+                "command": "python bench/quality.py --regime epochs --test"}
+    text = sweep.report({"settings": settings, "summary": summary, "base": {}, "runs": runs}, tmp_path)
+    assert "**PILOT**" in text and "ReMask p=0.4 w=0.1 sym_kl **(best on val)**" in text
+    assert "| SFT | 2 | 30.0 ± 0.0 | 90.0 ± 0.0 |" in text
+    assert (tmp_path / "quality_epochs.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "quality_epochs.json").read_text())["runs"][0]["cell"] == "sft"
+
+
+def test_cells_differ_only_in_the_algorithm_switch(tmp_path: Path) -> None:
+    regime = sweep.REGIMES["full"]
+    base = {"hf": str(tmp_path / "base" / "hf"), "tokenizer": "assets/tiny-tokenizer"}
+    commands = {name: sweep.train_command(regime, cell, 0, tmp_path / "run", tmp_path / "data", tmp_path, base, "cpu")
+                for name, cell in sweep.CELLS.items()}
+    differing = {name: sorted(set(cmd) - set(commands["sft"])) for name, cmd in commands.items()}
+    for name, extra in differing.items():
+        assert all(a.startswith(("algorithms.remask.", "run_name=")) for a in extra), (name, extra)
+    assert "algorithms.remask.divergence=forward_kl" in commands["remask-p0.4-w0.1-fkl"]
+    assert "max_duration=8ep" in commands["sft"]
+
+
+@pytest.mark.parametrize("name", ["quick", "full", "smollm2-135m"])
+def test_regimes_have_enough_seeds_and_known_cells(name: str) -> None:
+    regime = sweep.REGIMES[name]
+    assert set(regime.cells) <= set(sweep.CELLS)
+    assert name == "quick" or len(regime.seeds) >= 3
