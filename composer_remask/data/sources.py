@@ -60,6 +60,12 @@ UNKNOWN_ROLE = "unknown_role"
 BAD_TURN_ORDER = "bad_turn_order"
 LAST_TURN_NOT_ASSISTANT = "last_turn_not_assistant"
 UNKNOWN_SHAPE = "unknown_shape"
+TOO_DEEP = "too_deep"
+
+# Rows nested deeper than this are refused before the JSON parser recurses into them: the same
+# verdict in every process (the main one or a worker), far below Python's recursion limit.
+MAX_JSON_DEPTH = 128
+_JSON_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 
 
 class DataError(ValueError):
@@ -167,6 +173,9 @@ class JsonLinesReader(RecordReader):
 class JsonArrayReader(RecordReader):
     def __init__(self, path: str, text: str) -> None:
         super().__init__(path)
+        too_deep = find_too_deep(text, MAX_JSON_DEPTH + 1, key_depth=2)  # + 1: the array of rows
+        if too_deep is not None:  # the whole file is one JSON value: no row can be read apart
+            raise _too_deep_error(too_deep, path=path, unit="line", number=too_deep.line)
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
@@ -254,6 +263,49 @@ def open_records(path: str) -> RecordReader:
 
 
 # ---------------------------------------------------------------------------------------- parsing
+
+
+@dataclass(frozen=True)
+class TooDeep:
+    """Where a JSON text first nests deeper than allowed: 1-based line, top-level key if any."""
+
+    line: int
+    field: str | None
+
+
+def find_too_deep(text: str, max_depth: int = MAX_JSON_DEPTH, key_depth: int = 1) -> TooDeep | None:
+    """The first place ``text`` nests more than ``max_depth`` arrays/objects, or None.
+
+    The field reported is the key, in the object at ``key_depth`` (1: the row itself), under which
+    the deep value sits. A scan of strings and brackets only (no recursion), so it copes with any
+    depth; ordinary rows have fewer brackets than the limit and are not scanned at all.
+    """
+    if text.count("[") + text.count("{") <= max_depth:
+        return None
+    depth, opener_at_key_depth, last_key = 0, "", None
+    for match in _JSON_STRING_OR_BRACKET.finditer(text):
+        token = match.group()
+        if token[0] == '"':
+            if depth == key_depth and opener_at_key_depth == "{":
+                last_key = token
+        elif token in "[{":
+            depth += 1
+            if depth == key_depth:
+                opener_at_key_depth, last_key = token, None
+            if depth > max_depth:
+                try:
+                    field = None if last_key is None else json.loads(last_key)
+                except ValueError:
+                    field = None
+                return TooDeep(text.count("\n", 0, match.start()) + 1, field)
+        else:
+            depth -= 1
+    return None
+
+
+def _too_deep_error(found: TooDeep, *, path: str, unit: str, number: int | None) -> DataError:
+    return DataError(TOO_DEEP, f"JSON nested deeper than {MAX_JSON_DEPTH} levels", path=path, unit=unit,
+                     number=number, field=found.field)
 
 
 def _type_name(value: Any) -> str:
@@ -374,6 +426,9 @@ def parse_record(kind: str, record: RawRecord, *, path: str, unit: str) -> tuple
     if isinstance(row, (bytes, bytearray)):
         # Undecodable bytes become lone surrogates, reported later by the field that holds them.
         text = bytes(row).decode("utf-8", "surrogateescape")
+        too_deep = find_too_deep(text)
+        if too_deep is not None:
+            raise _too_deep_error(too_deep, path=path, unit=unit, number=record.number)
         try:
             row = json.loads(text)
         except json.JSONDecodeError as e:
