@@ -5,13 +5,24 @@
         [--limit oasst2=1000] [--mix oasst2=choose:500] [--seed 0] [--on-error raise|skip] \\
         [--overwrite] [--workers N]
     remask-data inspect DIR [--n 3] [--source NAME] [--tokenizer NAME_OR_DIR]
+
+Every error prints ``remask-data: error: ...`` (or argparse's ``remask-data build: error: ...``
+for a malformed option) and exits with status 2. Ctrl-C, SIGTERM or SIGHUP during a build
+removes the partial output, ends the worker processes and exits with 128 + the signal number.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from composer_remask.data.writer import StreamWeight
+
+ERROR_STATUS = 2  # argparse's, for every error
 
 
 def _key_value(option: str, text: str) -> tuple[str, str]:
@@ -30,6 +41,16 @@ def _limit_arg(text: str) -> tuple[str, int]:
     if limit < 0:
         raise argparse.ArgumentTypeError(f"--limit {text!r}: N must be >= 0")
     return name, limit
+
+
+def _mix_arg(text: str) -> tuple[str, StreamWeight]:
+    from composer_remask.data.writer import parse_stream_weight
+
+    name, value = _key_value("--mix", text)
+    try:
+        return name, parse_stream_weight(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--mix {text!r}: {error}") from None
 
 
 def _size_arg(text: str) -> int | str:
@@ -51,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="folder; or LOCAL,REMOTE; or an object-store URL (s3://..., gs://...)")
     build.add_argument("--limit", action="append", type=_limit_arg, default=[], metavar="NAME=N",
                        help="keep N rows of a source, drawn with --seed among its valid rows")
-    build.add_argument("--mix", action="append", default=[], metavar="NAME=WEIGHT",
+    build.add_argument("--mix", action="append", type=_mix_arg, default=[], metavar="NAME=WEIGHT",
                        help="weight in streams.yaml: repeat:X, choose:N or proportion:P (default repeat:1)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--on-error", choices=("raise", "skip"), default="raise",
@@ -84,15 +105,11 @@ def _summary(manifest: dict, out: str) -> str:
 
 def _run_build(args: argparse.Namespace) -> int:
     from composer_remask.data.sources import parse_source_arg
-    from composer_remask.data.writer import build_corpus, parse_stream_weight
+    from composer_remask.data.writer import build_corpus
 
     sources = [parse_source_arg(text) for text in args.source]
-    mix = {}
-    for text in args.mix:
-        name, weight = _key_value("--mix", text)
-        mix[name] = parse_stream_weight(weight)
     manifest = build_corpus(
-        sources, args.tokenizer, args.out, max_seq_len=args.max_seq_len, limits=dict(args.limit), mix=mix,
+        sources, args.tokenizer, args.out, max_seq_len=args.max_seq_len, limits=dict(args.limit), mix=dict(args.mix),
         seed=args.seed, on_error=args.on_error, overwrite=args.overwrite, workers=args.workers,
         progress=False if args.no_progress else None, rows_per_chunk=args.rows_per_chunk,
         shard_size_limit=args.shard_size_limit)
@@ -108,15 +125,20 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``remask-data`` console script; returns the exit status."""
+    """Entry point of the ``remask-data`` console script; returns the exit status (see module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return _run_build(args) if args.command == "build" else _run_inspect(args)
-    except (ValueError, OSError, argparse.ArgumentTypeError) as error:
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or BuildInterrupted for SIGTERM/SIGHUP
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        print(f"{parser.prog}: error: interrupted by {signal.Signals(signum).name}; the {args.command} did not "
+              "finish (no partial output was kept)", file=sys.stderr)
+        return 128 + signum
+    except (ValueError, OSError, RuntimeError, argparse.ArgumentTypeError) as error:
         # DataError and BuildError (ValueErrors) name file, line and field; the others the option or path.
-        print(f"remask-data: error: {error}", file=sys.stderr)
-        return 1
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return ERROR_STATUS
 
 
 if __name__ == "__main__":

@@ -7,13 +7,16 @@ it. Kept apart from the writer: workers never need streaming or the MDS writer.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.context
 import os
 import signal
+import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,8 +67,22 @@ _worker_encoder: RoleEncoder | None = None
 _worker_max_seq_len = 0
 
 
-def _init_worker(encoder: RoleEncoder, max_seq_len: int) -> None:
+def _exit_when_the_parent_dies(parent_alive: multiprocessing.connection.Connection) -> None:
+    """Block until the parent's end of ``parent_alive`` closes, then end this worker at once.
+
+    The kernel closes that end when the parent exits in any way (SIGKILL included), while a
+    worker blocked on its task queue would otherwise wait forever: the queue's write end is
+    held by the workers themselves, so they never see it close.
+    """
+    with suppress(EOFError, OSError):
+        parent_alive.recv_bytes()
+    os._exit(1)
+
+
+def _init_worker(encoder: RoleEncoder, max_seq_len: int, parent_alive: multiprocessing.connection.Connection) -> None:
     global _worker_encoder, _worker_max_seq_len
+    threading.Thread(target=_exit_when_the_parent_dies, args=(parent_alive,), name="parent-death-watch",
+                     daemon=True).start()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one Rust thread per worker: processes are the parallelism
     # Importing composer_remask installs Composer's SIGTERM/SIGINT handlers (sys.exit), which a
     # worker blocked waiting for tasks may never act on: die on SIGTERM, and leave Ctrl-C to the
@@ -79,6 +96,46 @@ def _encode_chunk_in_worker(task: tuple[str, str, str, list[RawRecord]]) -> list
     kind, path, unit, records = task
     assert _worker_encoder is not None
     return encode_chunk(kind, records, _worker_encoder, _worker_max_seq_len, path=path, unit=unit)
+
+
+class BuildInterrupted(KeyboardInterrupt):
+    """A termination signal stopped the build; raised like Ctrl-C's KeyboardInterrupt so cleanup runs."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+TERMINATION_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextmanager
+def termination_raises_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM/SIGHUP raise ``BuildInterrupted`` in the main thread, as Ctrl-C does.
+
+    Their default action ends the process on the spot, skipping the cleanup of the partial
+    output and the shutdown of the workers. Signals whose handler the caller has set are left
+    to that handler; after the first signal, repeats are ignored until the block (and the
+    cleanup inside it) ends. Outside the main thread, signals cannot be handled: no change.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in TERMINATION_SIGNALS}
+    handled = [signum for signum, handler in previous.items() if handler == signal.SIG_DFL]
+
+    def interrupt(signum: int, frame: object) -> None:
+        for other in handled:
+            signal.signal(other, signal.SIG_IGN)
+        raise BuildInterrupted(signum)
+
+    for signum in handled:
+        signal.signal(signum, interrupt)
+    try:
+        yield
+    finally:
+        for signum in handled:
+            signal.signal(signum, previous[signum])
 
 
 def chunked(records: Iterable[RawRecord], size: int) -> Iterator[list[RawRecord]]:
@@ -112,7 +169,8 @@ class ChunkEncoder:
     """Encodes chunks in order; with ``workers > 1`` in a pool of worker processes.
 
     Use as a context manager so the pool is shut down even when the build stops early. A worker
-    that dies (killed, out of memory) fails the build instead of hanging it.
+    that dies (killed, out of memory) fails the build instead of hanging it; workers end
+    themselves when this process dies, even by SIGKILL.
     """
 
     def __init__(self, encoder: RoleEncoder, max_seq_len: int, workers: int = 1) -> None:
@@ -120,9 +178,15 @@ class ChunkEncoder:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.encoder, self.max_seq_len, self.workers = encoder, max_seq_len, workers
         self._executor: ProcessPoolExecutor | None = None
+        self._parent_ends: tuple[multiprocessing.connection.Connection, ...] = ()
         if workers > 1:
+            # Workers get the read end (when the pool starts them, so both ends stay open until
+            # ``close``); only this process holds the write end, which it never writes to and the
+            # kernel closes when it exits, whatever the cause.
+            watched, alive = multiprocessing.Pipe(duplex=False)
+            self._parent_ends = (watched, alive)
             self._executor = ProcessPoolExecutor(workers, mp_context=_pool_context(), initializer=_init_worker,
-                                                 initargs=(encoder, max_seq_len))
+                                                 initargs=(encoder, max_seq_len, watched))
 
     def map(self, kind: str, chunks: Iterable[list[RawRecord]], *, path: str,
             unit: str) -> Iterator[list[RowOutcome]]:
@@ -148,6 +212,9 @@ class ChunkEncoder:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=abort)
             self._executor = None
+        for end in self._parent_ends:
+            end.close()
+        self._parent_ends = ()
 
     def __enter__(self) -> ChunkEncoder:
         return self

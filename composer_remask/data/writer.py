@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -39,7 +40,7 @@ import numpy as np
 
 from composer_remask.batch import ROLE_NAMES
 from composer_remask.data.formats import RoleEncoder
-from composer_remask.data.pipeline import ChunkEncoder, RowOutcome, chunked
+from composer_remask.data.pipeline import ChunkEncoder, RowOutcome, chunked, termination_raises_interrupt
 from composer_remask.data.sources import SOURCE_NAME_PATTERN, SourceSpec, choose_rows, open_records
 
 if TYPE_CHECKING:
@@ -60,12 +61,38 @@ class BuildError(ValueError):
     """The build cannot produce a usable corpus (e.g. a source with no rows left)."""
 
 
+def finite_number(value: object, what: str) -> float:
+    """``value`` (a number or its text) as a float; NaN, infinities and non-numbers are refused.
+
+    The one check behind every float option (``--mix``, ``StreamWeight``, a loader's stream
+    weights): ``nan < 0`` is false, so a plain range check lets NaN through.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{what}: expected a finite number, got {value!r}")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected a finite number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{what}: expected a finite number, got {value!r}")
+    return number
+
+
 @dataclass(frozen=True)
 class StreamWeight:
     """How a source is mixed by StreamingDataset: ``repeat`` (float), ``choose`` (int) or ``proportion``."""
 
     kind: str = "repeat"
     value: float = 1
+
+    def __post_init__(self) -> None:
+        what = f"stream weight {self.kind}:{self.value}"
+        if self.kind not in WEIGHT_KINDS:
+            raise ValueError(f"{what}: expected one of {', '.join(k + ':N' for k in WEIGHT_KINDS)}")
+        number = finite_number(self.value, what)
+        if number < 0 or (self.kind == "choose" and number != int(number)):
+            raise ValueError(f"{what}: expected a non-negative {'integer' if self.kind == 'choose' else 'number'}")
+        object.__setattr__(self, "value", int(number) if self.kind == "choose" else number)
 
     def as_yaml(self) -> dict[str, float | int]:
         return {self.kind: int(self.value) if self.kind == "choose" else self.value}
@@ -76,10 +103,7 @@ def parse_stream_weight(text: str) -> StreamWeight:
     kind, _, value = text.partition(":")
     if kind not in WEIGHT_KINDS or not value:
         raise ValueError(f"stream weight {text!r}: expected one of {', '.join(k + ':N' for k in WEIGHT_KINDS)}")
-    number = float(value)
-    if number < 0 or (kind == "choose" and number != int(number)):
-        raise ValueError(f"stream weight {text!r}: expected a non-negative {'integer' if kind == 'choose' else 'number'}")
-    return StreamWeight(kind, int(number) if kind == "choose" else number)
+    return StreamWeight(kind, finite_number(value, f"stream weight {text!r}"))
 
 
 @dataclass(frozen=True)
@@ -197,8 +221,19 @@ def build_corpus(
     ``DataError``. ``progress=None`` shows a bar when stderr is a terminal.
     """
     limits, mix = dict(limits or {}), dict(mix or {})
-    _check_arguments(sources, limits, mix, on_error, max_seq_len, rows_per_chunk)
+    _check_arguments(sources, limits, mix, on_error, max_seq_len, rows_per_chunk, workers)
     target = parse_out(out)
+    _refuse_inputs_inside_out(sources, tokenizer if isinstance(tokenizer, str) else tokenizer.name_or_path, target)
+    with termination_raises_interrupt():
+        return _build(sources, tokenizer, target, max_seq_len=max_seq_len, limits=limits, mix=mix, seed=seed,
+                      on_error=on_error, overwrite=overwrite, workers=workers, progress=progress,
+                      rows_per_chunk=rows_per_chunk, shard_size_limit=shard_size_limit)
+
+
+def _build(sources: Sequence[SourceSpec], tokenizer: PreTrainedTokenizerBase | str, target: OutputTarget, *,
+           max_seq_len: int, limits: dict[str, int], mix: dict[str, StreamWeight], seed: int, on_error: str,
+           overwrite: bool, workers: int, progress: bool | None, rows_per_chunk: int,
+           shard_size_limit: int | str) -> dict[str, Any]:
     if isinstance(tokenizer, str):
         tokenizer_name, tokenizer = tokenizer, load_tokenizer(tokenizer)
     else:
@@ -206,14 +241,15 @@ def build_corpus(
     encoder = RoleEncoder(tokenizer)
     _refuse_non_empty(target, overwrite)
 
-    if target.local is not None:
-        final = Path(target.local)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-        staging.chmod(0o777 & ~_current_umask())  # mkdtemp's 0700 would otherwise stick to OUT
-    else:
-        final, staging = None, Path(tempfile.mkdtemp(prefix="remask-data-"))
+    final = None if target.local is None else Path(target.local)
+    staging: Path | None = None
     try:
+        if final is not None:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+            staging.chmod(0o777 & ~_current_umask())  # mkdtemp's 0700 would otherwise stick to OUT
+        else:
+            staging = Path(tempfile.mkdtemp(prefix="remask-data-"))
         stats: dict[str, SourceStats] = {}
         with ChunkEncoder(encoder, max_seq_len, workers) as chunk_encoder:
             for spec in sources:
@@ -223,8 +259,8 @@ def build_corpus(
                     shard_size_limit=shard_size_limit)
         manifest = _manifest(tokenizer, tokenizer_name, max_seq_len, stats, seed=seed, on_error=on_error,
                              limits=limits, mix=mix, shard_size_limit=shard_size_limit)
-        (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
-                                             encoding="utf-8")
+        (staging / MANIFEST_NAME).write_text(
+            json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n", encoding="utf-8")
         (staging / STREAMS_NAME).write_text(streams_yaml(target, [s.name for s in sources], mix), encoding="utf-8")
         if final is not None:
             _move_into_place(staging, final, overwrite)
@@ -232,7 +268,7 @@ def build_corpus(
         if target.remote is not None:
             _upload(staging, target.remote, [s.name for s in sources])
     except BaseException:
-        if staging != final:
+        if staging is not None and staging != final:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     if final is None:
@@ -247,7 +283,7 @@ def _current_umask() -> int:
 
 
 def _check_arguments(sources: Sequence[SourceSpec], limits: dict, mix: dict, on_error: str,
-                     max_seq_len: int, rows_per_chunk: int) -> None:
+                     max_seq_len: int, rows_per_chunk: int, workers: int) -> None:
     names = [spec.name for spec in sources]
     if not names:
         raise ValueError("no sources given")
@@ -269,10 +305,26 @@ def _check_arguments(sources: Sequence[SourceSpec], limits: dict, mix: dict, on_
         raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
     if rows_per_chunk < 1:
         raise ValueError(f"rows_per_chunk must be >= 1, got {rows_per_chunk}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     proportional = [weight.kind == "proportion" for weight in mix.values()]
     if any(proportional) and not (all(proportional) and len(mix) == len(names)):
         raise ValueError("StreamingDataset mixes either by proportion for every source or by "
                          "repeat/choose: give proportion:P for all sources or for none")
+
+
+def _refuse_inputs_inside_out(sources: Sequence[SourceSpec], tokenizer_name_or_dir: str,
+                              target: OutputTarget) -> None:
+    """An input inside ``--out`` would be deleted by ``--overwrite`` (and mixed into the corpus folder)."""
+    if target.local is None:
+        return
+    out = Path(os.path.realpath(target.local))
+    inputs = [(f"--source {spec.name}={spec.path}", spec.path) for spec in sources]
+    inputs.append((f"--tokenizer {tokenizer_name_or_dir}", tokenizer_name_or_dir))
+    for option, path in inputs:
+        if os.path.exists(path) and Path(os.path.realpath(path)).is_relative_to(out):
+            raise ValueError(f"{option}: the input lies inside --out {target.local}, which the build replaces; "
+                             "move it out or choose another --out")
 
 
 def _refuse_non_empty(target: OutputTarget, overwrite: bool) -> None:

@@ -63,16 +63,18 @@ def test_build_errors_name_file_line_and_field_and_exit_nonzero(tmp_path, capsys
     bad.write_text('{"prompt": "a", "rationale": "b", "target": "1"}\n{"prompt": "a", "rationale": "b", "target": 7}\n')
     args = ["build", "--source", f"tinycot={bad}", "--tokenizer", str(TINY_TOKENIZER_DIR), "--out", str(tmp_path / "o"),
             "--no-progress"]
-    assert main(args) == 1
+    assert main(args) == 2
     assert capsys.readouterr().err.strip() == (
         f"remask-data: error: {bad}, line 2, field 'target': expected a string, got int")
     assert not (tmp_path / "o").exists()
     assert main([*args, "--on-error", "skip"]) == 0
     manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert manifest["sources"]["tinycot"]["rows_skipped"] == {"wrong_type": 1}
-    assert main([*args, "--on-error", "skip"]) == 1  # the folder now exists
+    assert main([*args, "--on-error", "skip"]) == 2  # the folder now exists
     assert "not empty; pass --overwrite" in capsys.readouterr().err
-    assert main([*args[:-1], "--mix", "tinycot=weight:3", "--overwrite"]) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args[:-1], "--mix", "tinycot=weight:3", "--overwrite"])
+    assert exit_info.value.code == 2
     assert "stream weight 'weight:3'" in capsys.readouterr().err
 
 

@@ -309,7 +309,8 @@ def test_build_options_are_checked_before_any_work(asset_tokenizer, fixture_file
              ({"a": source, "b": source}, {"limits": {"c": 1}}, "--limit names unknown sources"),
              ({"a": source, "b": source}, {"mix": {"a": StreamWeight("proportion", 1)}}, "proportion"),
              ({"a": source}, {"on_error": "ignore"}, "on_error"),
-             ({"a": source}, {"max_seq_len": 1}, "max_seq_len")]
+             ({"a": source}, {"max_seq_len": 1}, "max_seq_len"),
+             ({"a": source}, {"workers": 0}, "workers")]
     for sources, options, message in cases:
         with pytest.raises(ValueError, match=message):
             build(asset_tokenizer, tmp_path / "out", sources, **options)
