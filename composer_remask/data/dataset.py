@@ -15,9 +15,19 @@ The section (YAML, plain dict or omegaconf)::
     #   shuffle_algo, shuffle_block_size, sampling_method, sampling_granularity, partition_algo
     # DataLoader: pin_memory, persistent_workers, prefetch_factor, timeout
 
-Mixing is StreamingDataset's (``proportion`` | ``repeat`` | ``choose`` per stream). A stream with a
-``remote`` and no ``local`` caches under ``$TMPDIR/remask-streams/<hash of remote>`` (stable across
-runs and ranks; like any streaming cache it is not refreshed when the remote changes).
+Mixing is StreamingDataset's (``proportion`` | ``repeat`` | ``choose`` per stream; finite,
+non-negative). A stream with a ``remote`` and no ``local`` caches under
+``$TMPDIR/remask-streams/<hash of remote>`` (stable across runs and ranks; like any streaming cache
+it is not refreshed when the remote changes). A ``local`` folder this process cannot write to,
+whose shards are not all decompressed yet, is read as a remote into such a cache (keyed by its
+``index.json`` too, so a rebuilt corpus gets a fresh cache): StreamingDataset decompresses shards
+next to ``index.json``.
+
+Before training, every shard file already on disk (decompressed ``.mds`` or compressed ``.zstd``)
+is checked against the size and hash that ``index.json`` records for it, so a corrupt shard stops
+the run naming the file: StreamingDataset's ``validate_hash`` checks only what it downloads or
+decompresses itself, never a decompressed shard it finds in place. This reads the corpus once per
+loader (xxh64, fast next to training).
 """
 
 from __future__ import annotations
@@ -28,11 +38,13 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import torch
 
 from composer_remask.batch import batch_loss_tokens
 from composer_remask.data.collator import RemaskCollator
+from composer_remask.data.writer import finite_number
 
 if TYPE_CHECKING:
     from composer.core import DataSpec
@@ -78,6 +90,108 @@ def _default_local(remote: str, split: str | None) -> str:
     return os.path.join(tempfile.gettempdir(), "remask-streams", digest)
 
 
+# Cheapest first: the hash used to check a shard file that index.json gives several hashes for.
+HASH_PREFERENCE = ("xxh3_64", "xxh64", "xxh128", "xxh32", "md5", "sha1", "sha256")
+
+
+class ShardIntegrityError(ValueError):
+    """A shard file on disk differs from what ``index.json`` records for it."""
+
+
+def _check_shard_file(path: str, info: Mapping[str, Any], data: bytes) -> None:
+    from streaming.base.hashing import get_hash
+
+    if "bytes" in info and len(data) != info["bytes"]:
+        raise ShardIntegrityError(f"{path}: {len(data)} bytes, but index.json records {info['bytes']}: the shard is "
+                                  "truncated or corrupt")
+    hashes = info.get("hashes") or {}
+    algorithm = next((name for name in HASH_PREFERENCE if name in hashes), min(hashes, default=None))
+    if algorithm is not None and get_hash(algorithm, data) != hashes[algorithm]:
+        raise ShardIntegrityError(f"{path}: {algorithm} {get_hash(algorithm, data)} differs from "
+                                  f"{hashes[algorithm]} recorded in index.json: the shard is corrupt")
+
+
+def _read_index(dataset_dir: str) -> dict[str, Any]:
+    with open(os.path.join(dataset_dir, "index.json")) as f:
+        return json.load(f)
+
+
+def shard_data(dataset_dir: str, shard_info: Mapping[str, Any]) -> bytes:
+    """The decompressed bytes of one MDS shard, as StreamingDataset would read them, checked.
+
+    The decompressed file when present (what training reads), else the compressed one,
+    decompressed in memory. Raises ``ShardIntegrityError`` naming the file when a size or hash
+    differs from ``index.json``.
+    """
+    from streaming.base.compression import decompress
+
+    raw, zipped = shard_info["raw_data"], shard_info["zip_data"]
+    raw_path = os.path.join(dataset_dir, raw["basename"])
+    if zipped is None or os.path.isfile(raw_path):
+        with open(raw_path, "rb") as f:
+            data = f.read()
+        _check_shard_file(raw_path, raw, data)
+        return data
+    zip_path = os.path.join(dataset_dir, zipped["basename"])
+    with open(zip_path, "rb") as f:
+        compressed = f.read()
+    _check_shard_file(zip_path, zipped, compressed)
+    data = decompress(shard_info["compression"], compressed)
+    _check_shard_file(f"{zip_path} (decompressed)", raw, data)
+    return data
+
+
+def verify_shards_on_disk(dataset_dir: str) -> None:
+    """Check every shard file present under ``dataset_dir`` against its ``index.json`` entry.
+
+    A decompressed shard is what training reads when present; a compressed one is checked
+    too, since StreamingDataset decompresses it without a check unless ``validate_hash`` is set.
+    Missing files are left to StreamingDataset (it downloads or decompresses them).
+    """
+    for shard_info in _read_index(dataset_dir)["shards"]:
+        for info in (shard_info["raw_data"], shard_info["zip_data"]):
+            if info is None:
+                continue
+            path = os.path.join(dataset_dir, info["basename"])
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    _check_shard_file(path, info, f.read())
+                break  # the raw file, when present, is the one read; its zip is not used
+
+
+def _all_decompressed(dataset_dir: str) -> bool:
+    return all(os.path.isfile(os.path.join(dataset_dir, shard["raw_data"]["basename"]))
+               for shard in _read_index(dataset_dir)["shards"])
+
+
+def _read_only_cache(local_dir: str, split: str | None) -> str:
+    with open(os.path.join(local_dir, "index.json"), "rb") as f:
+        index_digest = hashlib.blake2s(f.read(), digest_size=8).hexdigest()
+    return _default_local(f"{os.path.realpath(local_dir)}\0{index_digest}", split)
+
+
+def _resolve_stream_paths(stream: dict[str, Any]) -> None:
+    """Fill in ``local`` for a remote-only stream, and read a read-only local folder through a cache."""
+    split = stream.get("split")
+    if stream.get("local") is None:
+        stream["local"] = _default_local(stream["remote"], split)
+        return
+    local_dir = os.path.join(stream["local"], split or "")
+    if (stream.get("remote") is None and os.path.isfile(os.path.join(local_dir, "index.json"))
+            and not os.access(local_dir, os.W_OK) and not _all_decompressed(local_dir)):
+        stream["remote"], stream["local"] = stream["local"], _read_only_cache(local_dir, split)
+
+
+def _verify_stream(stream: Mapping[str, Any]) -> None:
+    split = stream.get("split") or ""
+    for root in (stream.get("remote"), stream.get("local")):
+        if root is None or urlparse(str(root)).scheme:
+            continue
+        dataset_dir = os.path.join(root, split)
+        if os.path.isfile(os.path.join(dataset_dir, "index.json")):
+            verify_shards_on_disk(dataset_dir)
+
+
 def _stream_configs(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     streams = config["streams"]
     if streams is not None and (config["local"] is not None or config["remote"] is not None):
@@ -100,6 +214,11 @@ def _stream_configs(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
                 raise ValueError(f"unknown key {key!r} in stream {name!r}; known keys: {', '.join(STREAM_KEYS)}")
         if stream.get("local") is None and stream.get("remote") is None:
             raise ValueError(f"stream {name!r} needs `local:` and/or `remote:`")
+        for key in ("proportion", "repeat", "choose"):
+            if stream.get(key) is not None:
+                number = finite_number(stream[key], f"stream {name!r}, {key}")
+                if number < 0:
+                    raise ValueError(f"stream {name!r}, {key}: expected a non-negative number, got {stream[key]!r}")
         stream.setdefault("split", config["split"])
     return named
 
@@ -111,8 +230,8 @@ def build_streaming_dataset(loader_cfg: Mapping[str, Any], device_batch_size: in
     config = _loader_config(loader_cfg)
     streams = []
     for _, stream in _stream_configs(config):
-        if stream.get("local") is None:
-            stream["local"] = _default_local(stream["remote"], stream.get("split"))
+        _resolve_stream_paths(stream)
+        _verify_stream(stream)
         streams.append(Stream(**{key: value for key, value in stream.items() if value is not None}))
     optional = {key: config[key] for key in OPTIONAL_DATASET_KEYS if config.get(key) is not None}
     return StreamingDataset(
@@ -158,25 +277,19 @@ def build_dataloader(loader_cfg: Mapping[str, Any], tokenizer: PreTrainedTokeniz
 
 
 def read_mds_samples(local_dir: str, limit: int | None = None) -> Iterator[dict[str, Any]]:
-    """Samples of one local MDS dataset, in order, decompressed in memory.
+    """Samples of one local MDS dataset, in order, from the bytes training reads, checked.
 
     For inspection and checks: no shared memory, nothing written next to the shards (unlike
-    StreamingDataset, which decompresses local shards to disk).
+    StreamingDataset, which decompresses local shards to disk). Each shard is read as
+    ``shard_data`` reads it; a corrupt one raises ``ShardIntegrityError`` naming the file.
     """
     import numpy as np
-    from streaming.base.compression import decompress
     from streaming.base.format.mds.reader import MDSReader
 
-    with open(os.path.join(local_dir, "index.json")) as f:
-        index = json.load(f)
     produced = 0
-    for shard_info in index["shards"]:
+    for shard_info in _read_index(local_dir)["shards"]:
         reader = MDSReader.from_json(local_dir, None, shard_info)
-        data_info = shard_info["zip_data"] or shard_info["raw_data"]
-        with open(os.path.join(local_dir, data_info["basename"]), "rb") as f:
-            data = f.read()
-        if shard_info["zip_data"]:
-            data = decompress(shard_info["compression"], data)
+        data = shard_data(local_dir, shard_info)
         num_samples = int(np.frombuffer(data[:4], np.uint32)[0])
         offsets = np.frombuffer(data[4:4 * (num_samples + 2)], np.uint32)
         for i in range(num_samples):

@@ -53,9 +53,12 @@ def inspect_corpus(out_dir: str, n: int = 3, source: str | None = None,
                    tokenizer: PreTrainedTokenizerBase | str | None = None) -> str:
     """A readable report of a built corpus: manifest counts, then ``n`` decoded samples per source.
 
-    The tokenizer defaults to the one recorded in the manifest (its folder, else its name).
+    Every shard file of the sources shown is first checked against ``index.json`` (the
+    decompressed file where training would read one): a corrupt shard raises
+    ``ShardIntegrityError`` naming it. The tokenizer defaults to the one recorded in the
+    manifest (its folder, else its name).
     """
-    from composer_remask.data.dataset import read_mds_samples
+    from composer_remask.data.dataset import read_mds_samples, verify_shards_on_disk
     from composer_remask.data.writer import MANIFEST_NAME, load_tokenizer, vocabulary_hash
 
     with open(os.path.join(out_dir, MANIFEST_NAME)) as f:
@@ -75,13 +78,15 @@ def inspect_corpus(out_dir: str, n: int = 3, source: str | None = None,
     if vocabulary_hash(tokenizer) != recorded["vocab_sha256"]:
         lines.append("WARNING: this tokenizer's vocabulary differs from the one the corpus was built with")
     for name in names:
+        verify_shards_on_disk(os.path.join(out_dir, name))
+    for name in names:
         stats = manifest["sources"][name]
         skipped = ", ".join(f"{reason} {count}" for reason, count in stats["rows_skipped"].items()) or "none"
         tokens = stats["tokens"]
         per_role = ", ".join(f"{role} {count}" for role, count in tokens.items() if role != "total" and count)
         lines.append(f"{name}: {stats['rows_written']} of {stats['rows_read']} rows written "
                      f"(skipped: {skipped}; truncated {stats['rows_truncated']}); "
-                     f"{tokens['total']} tokens ({per_role})")
+                     f"{tokens['total']} tokens ({per_role}); shards match index.json")
     for name in names:
         for index, sample in enumerate(read_mds_samples(os.path.join(out_dir, name), limit=n)):
             lines.append("")
