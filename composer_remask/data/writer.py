@@ -7,8 +7,9 @@ Layout of ``--out``::
     OUT/streams.yaml     a ``streams:`` block mixing the sources, to paste under ``train_loader:``
 
 The build writes into a hidden temporary folder next to OUT and renames it into place at the end,
-so an interrupted build never leaves a complete-looking OUT (a stale ``.OUT.partial-*`` folder may
-stay behind after a kill; delete it). With a remote (``local,remote`` pair or an object-store URL),
+so an interrupted build never leaves a complete-looking OUT. Ctrl-C, SIGTERM and SIGHUP remove the
+temporary folder and end the workers; after a SIGKILL the workers end themselves, and a stale
+``.OUT.partial-*`` folder stays behind (delete it). With a remote (``local,remote`` pair or an object-store URL),
 files are uploaded after the local build, each dataset's ``index.json`` after its shards and
 ``manifest.json`` last: a remote is complete when it has a manifest.
 
