@@ -10,6 +10,10 @@ from composer_remask.batch import ROLE_NAMES
 
 EOS = "<|endoftext|>"
 
+# How long a test waits for a subprocess to reach a state. Never the reason a healthy run fails:
+# the wait ends as soon as the state is reached (seconds), and the limit matches CI's own.
+PATIENCE_S = 90 * 60
+
 
 def decoded_spans(tokenizer, input_ids, token_roles) -> list[tuple[str, str]]:
     """(role name, decoded text) for each maximal run of one role, computed independently of the package."""

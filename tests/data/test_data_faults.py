@@ -19,10 +19,7 @@ from composer_remask.data.dataset import build_dataloader, read_mds_samples
 from composer_remask.data.fixtures import TINY_TOKENIZER_DIR, tinycot_rows, write_jsonl
 from composer_remask.data.sources import DataError, SourceSpec
 from composer_remask.data.writer import StreamWeight, build_corpus, parse_stream_weight
-
-# Generous: only reached when something is broken; a healthy run finishes each wait in seconds.
-PATIENCE_S = 300
-
+from tests.data.helpers import PATIENCE_S
 
 # ------------------------------------------------------------------------------ processes (/proc)
 

@@ -38,7 +38,7 @@ from composer_remask.data.writer import (
     parse_stream_weight,
     streams_yaml,
 )
-from tests.data.helpers import decoded_spans, expected_spans_of_row
+from tests.data.helpers import PATIENCE_S, decoded_spans, expected_spans_of_row
 
 FIXTURE_KINDS = {"tinycot": "tinycot", "oasst2": "oasst2", "oasst2_parquet": "oasst2", "reddit": "reddit",
                  "generic": "jsonl"}
@@ -261,7 +261,7 @@ def test_killed_build_leaves_no_complete_looking_output(tmp_path):
                "--tokenizer", str(TINY_TOKENIZER_DIR), "--out", str(out), "--no-progress", "--rows-per-chunk", "200",
                "--shard-size-limit", "16kb"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + PATIENCE_S
     shards: list[Path] = []
     while time.monotonic() < deadline and process.poll() is None and not shards:
         shards = list(tmp_path.glob(".out.partial-*/tinycot/shard.*"))
