@@ -29,21 +29,16 @@ from composer.loggers import Logger
 from composer.utils import dist
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from composer_remask.batch import (
-    COUNTS_PASSES_ATTR,
-    DIVERGENCE_MASK_KEY,
-    MASKED_INPUT_IDS_KEY,
-    PREPARED_KEYS,
-    ROW_COUNTS_KEY,
-    SAMPLE_KEYS_KEY,
-    TOKEN_ROLES_KEY,
-    forward_passes,
-    num_loss_tokens,
-    row_counts,
+from composer_remask.batch import COUNTS_PASSES_ATTR, DIVERGENCE_MASK_KEY, TOKEN_ROLES_KEY, forward_passes
+from composer_remask.lean_path import (
+    LOSS_IMPLS,
+    HiddenStateCapture,
+    choose_loss_impl,
+    gather_loss_rows,
+    output_logits,
 )
-from composer_remask.lean_path import LOSS_IMPLS, HiddenStateCapture, choose_loss_impl, output_logits
 from composer_remask.loss import DIVERGENCES, predicted_positions, remask_loss_from_rows
-from composer_remask.masking import MASK_STRATEGIES, MaskVocabulary, content_sample_keys, remask_batch
+from composer_remask.masking import MASK_STRATEGIES, MaskVocabulary
 from composer_remask.normalization import (
     LOSS_WEIGHTINGS,
     GlobalCounts,
@@ -52,6 +47,7 @@ from composer_remask.normalization import (
     declared_microbatch_weight,
     microbatch_scales,
 )
+from composer_remask.prepared_batch import check_batch, forward_batch, microbatch_problem, prepare_batch
 
 log = logging.getLogger(__name__)
 
@@ -253,34 +249,15 @@ class ReMask(Algorithm):
         return self.mask_prob * min(1.0, elapsed / self.mask_prob_warmup)
 
     def _prepare_batch(self, state: State, logger: Logger) -> None:
-        batch = state.batch
-        if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
-            keys = list(batch.keys()) if isinstance(batch, Mapping) else type(batch).__name__
-            raise ValueError(f"ReMask needs dict batches with 'input_ids' and 'labels' (unshifted, -100 where "
-                             f"nothing is predicted); got {keys}.")
-        self._warn_if_label_rules_do_nothing(batch)
+        check_batch(state.batch)
+        self._warn_if_label_rules_do_nothing(state.batch)
         mask_prob = self.current_mask_prob(state) if self.two_pass else 0.0
-        keys = content_sample_keys(batch["input_ids"], batch.get("attention_mask"), self._vocabulary.pad_token_id)
-        masked = remask_batch(
-            batch["input_ids"], batch["labels"], batch.get(TOKEN_ROLES_KEY), batch.get("attention_mask"),
-            mask_prob=mask_prob, vocabulary=self._vocabulary, seed=int(self._seed or 0),
-            rationale_label_drop_prob=self.rationale_label_drop_prob, answer_only_prob=self.answer_only_prob,
-            batch_index=int(state.timestamp.batch), sample_keys=keys)
-        batch = dict(batch)
-        batch["labels"] = masked.labels
-        batch[DIVERGENCE_MASK_KEY] = masked.divergence_mask
-        batch[SAMPLE_KEYS_KEY] = torch.tensor([k - (1 << 64) if k >= 1 << 63 else k for k in keys],
-                                              dtype=torch.int64, device=masked.labels.device)
-        batch[ROW_COUNTS_KEY] = row_counts(masked.labels, masked.divergence_mask)
-        if self.two_pass:
-            batch[MASKED_INPUT_IDS_KEY] = masked.masked_input_ids
-        state.batch = batch
-
-        rows = int(masked.labels.shape[0])
-        local = torch.tensor([rows, num_loss_tokens(masked.labels), int(masked.divergence_mask[:, 1:].sum()),
-                              int(masked.input_mask.sum()), int(masked.maskable.sum())], dtype=torch.float64)
+        state.batch, local = prepare_batch(
+            state.batch, self._vocabulary, mask_prob=mask_prob, two_pass=self.two_pass, seed=int(self._seed or 0),
+            batch_index=int(state.timestamp.batch), rationale_label_drop_prob=self.rationale_label_drop_prob,
+            answer_only_prob=self.answer_only_prob)
         self._counts = GlobalCounts.gather(local, state.device)
-        self._prepared_rows = rows
+        self._prepared_rows = int(local[0])
         if self.two_pass:
             maskable = self._counts.maskable
             logger.log_metrics({"remask/mask_prob": mask_prob,
@@ -300,42 +277,7 @@ class ReMask(Algorithm):
     # ------------------------------------------------------------------------------ BEFORE_FORWARD
 
     def _double_batch(self, state: State) -> None:
-        batch = state.batch
-        self._check_prepared(batch, state)
-        self._full_batch = dict(batch)
-        rows = int(batch["input_ids"].shape[0])
-        self._trained_rows += rows
-        forward_batch: dict[str, Any] = {}
-        for key, value in batch.items():
-            if key in PREPARED_KEYS or key == "labels" or key == TOKEN_ROLES_KEY:
-                continue
-            if self.two_pass and isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
-                second = batch[MASKED_INPUT_IDS_KEY] if key == "input_ids" else value
-                value = torch.cat([value, second.to(value.device)], dim=0)
-            forward_batch[key] = value
-        if self._impl == "hidden":
-            forward_batch["logits_to_keep"] = 1
-            self._capture.install(self._composer_model.model)
-        state.batch = forward_batch
-
-    def _check_prepared(self, batch: Any, state: State) -> None:
-        """The microbatch must be rows of the batch ReMask prepared, unchanged; else name the cause."""
-        problem = None
-        if not isinstance(batch, Mapping) or any(k not in batch for k in (DIVERGENCE_MASK_KEY, SAMPLE_KEYS_KEY,
-                                                                          ROW_COUNTS_KEY)):
-            problem = "ReMask's keys are missing"
-        else:
-            ids = batch["input_ids"]
-            keys = content_sample_keys(ids, batch.get("attention_mask"), self._vocabulary.pad_token_id)
-            expected_keys = [k & ((1 << 64) - 1) for k in batch[SAMPLE_KEYS_KEY].tolist()]
-            if batch[DIVERGENCE_MASK_KEY].shape != ids.shape or batch["labels"].shape != ids.shape or \
-                    (self.two_pass and batch[MASKED_INPUT_IDS_KEY].shape != ids.shape):
-                problem = "its shape changed"
-            elif keys != expected_keys:
-                problem = "its tokens or attention mask changed"
-            elif not torch.equal(row_counts(batch["labels"], batch[DIVERGENCE_MASK_KEY]).cpu(),
-                                 batch[ROW_COUNTS_KEY].cpu()):
-                problem = "its labels changed"
+        problem = microbatch_problem(state.batch, self._vocabulary, self.two_pass)
         if problem is not None:
             others = [type(a).__name__ for a in state.algorithms if a is not self]
             raise RuntimeError(
@@ -344,6 +286,13 @@ class ReMask(Algorithm):
                 "at Event.BATCH_START/BEFORE_TRAIN_BATCH/BEFORE_FORWARD or a DataSpec microbatch_transforms "
                 f"(other algorithms here: {others or 'none'}). Edit batches at Event.AFTER_DATALOADER instead; "
                 "any list order works there.")
+        self._full_batch = dict(state.batch)
+        self._trained_rows += int(state.batch["input_ids"].shape[0])
+        inputs = forward_batch(state.batch, self.two_pass)
+        if self._impl == "hidden":
+            inputs["logits_to_keep"] = 1
+            self._capture.install(self._composer_model.model)
+        state.batch = inputs
 
     # ------------------------------------------------------------------------------- AFTER_FORWARD
 
@@ -364,34 +313,19 @@ class ReMask(Algorithm):
             labels, full[DIVERGENCE_MASK_KEY] if self.two_pass else None)
         scales = microbatch_scales(self._counts, self._microbatch_weight(full), dist.get_world_size())
 
-        metric_logits = on_full_logits = None
         model_logits = output_logits(state.outputs)
+        captured = None
         if self._impl == "hidden":
             captured = self._capture.take()
             self._capture.check_head_matches_logits(captured, model_logits)
-            hidden, head_weight, head_bias = captured.hidden, captured.head_weight, captured.head_bias
-            rows_full = hidden[:rows][batch_idx, pos_idx]
-            rows_masked = hidden[rows:][batch_idx, pos_idx] if self.two_pass else None
-            if state.train_metrics:
-                # Train metrics need (B, T, V) logits; filled at predicted positions only, in the dtype
-                # the model's own logits have (bf16 under amp_bf16), like the logits SFT would keep.
-                metric_logits = hidden.new_zeros((rows, labels.shape[1], head_weight.shape[0]),
-                                                 dtype=model_logits.dtype)
-
-                def on_full_logits(start: int, end: int, chunk: torch.Tensor) -> None:
-                    metric_logits[batch_idx[start:end], pos_idx[start:end]] = chunk.to(metric_logits.dtype)
-        else:
-            rows_full = model_logits[:rows][batch_idx, pos_idx]
-            rows_masked = model_logits[rows:][batch_idx, pos_idx] if self.two_pass else None
-            head_weight = head_bias = None
-            metric_logits = model_logits[:rows]
-
+        inputs = gather_loss_rows(model_logits, captured, rows, labels.shape[1], batch_idx, pos_idx, self.two_pass,
+                                  want_metric_logits=bool(state.train_metrics))
         with get_precision_context(state.precision, state.precision_config):
             total, sums = remask_loss_from_rows(
-                rows_full, rows_masked, targets, div_rows, divergence_weight=self.weight,
+                inputs.full, inputs.masked, targets, div_rows, divergence_weight=self.weight,
                 divergence=self.divergence, detach_full=self.detach_full, ce_scale=scales.ce,
-                div_scale=scales.divergence, head_weight=head_weight, head_bias=head_bias,
-                on_full_logits=on_full_logits, chunk_rows=self.chunk_rows)
+                div_scale=scales.divergence, head_weight=inputs.head_weight, head_bias=inputs.head_bias,
+                on_full_logits=inputs.on_full_logits, chunk_rows=self.chunk_rows)
         if self._impl == "hidden":
             # Route backward through the model's own output as well (its value is unchanged): FSDP
             # hooks the root module's outputs to start its backward bookkeeping there.
@@ -402,7 +336,7 @@ class ReMask(Algorithm):
             loss["divergence"] = sums.divergence * scales.divergence
         self._loss = loss
         self._probe.arm(total, scales.composer_weight)
-        state.outputs = CausalLMOutputWithPast(loss=total, logits=metric_logits)
+        state.outputs = CausalLMOutputWithPast(loss=total, logits=inputs.metric_logits)
         state.batch = full
 
     # ------------------------------------------------------------------------------ safety nets

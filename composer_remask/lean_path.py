@@ -10,7 +10,7 @@ positions through the output layer, chunk by chunk.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,3 +110,37 @@ class HiddenStateCapture:
                     "soft-capping), so they cannot be recomputed from the hidden states; use "
                     "ReMask(loss_impl='logits').")
         self.head_checked = True
+
+
+@dataclass
+class LossRows:
+    """The loss's inputs for one microbatch, gathered at predicted positions only."""
+
+    full: torch.Tensor  # rows of hidden states (lean path) or of logits
+    masked: torch.Tensor | None
+    head_weight: torch.Tensor | None  # set on the lean path: rows are hidden states
+    head_bias: torch.Tensor | None
+    metric_logits: torch.Tensor | None  # (B, T, V) logits for train metrics, or None
+    on_full_logits: Callable[[int, int, torch.Tensor], None] | None  # fills metric_logits chunk by chunk
+
+
+def gather_loss_rows(model_logits: torch.Tensor, captured: Captured | None, rows: int, seq_len: int,
+                     batch_idx: torch.Tensor, pos_idx: torch.Tensor, two_pass: bool,
+                     want_metric_logits: bool) -> LossRows:
+    """Predicted rows of the ``[full; masked]`` forward, from captured hidden states or the logits."""
+    if captured is None:
+        return LossRows(model_logits[:rows][batch_idx, pos_idx],
+                        model_logits[rows:][batch_idx, pos_idx] if two_pass else None,
+                        None, None, model_logits[:rows], None)
+    hidden = captured.hidden
+    metric_logits = on_full_logits = None
+    if want_metric_logits:
+        # Train metrics need (B, T, V) logits; filled at predicted positions only, in the dtype the
+        # model's own logits have (bf16 under amp_bf16), like the logits SFT would keep.
+        metric_logits = hidden.new_zeros((rows, seq_len, captured.head_weight.shape[0]), dtype=model_logits.dtype)
+
+        def on_full_logits(start: int, end: int, chunk: torch.Tensor) -> None:
+            metric_logits[batch_idx[start:end], pos_idx[start:end]] = chunk.to(metric_logits.dtype)
+
+    return LossRows(hidden[:rows][batch_idx, pos_idx], hidden[rows:][batch_idx, pos_idx] if two_pass else None,
+                    captured.head_weight, captured.head_bias, metric_logits, on_full_logits)

@@ -1,0 +1,99 @@
+"""What ReMask adds to a device batch before training on it, and the checks that it still holds.
+
+A prepared batch carries, next to the user's keys: the labels after the ReMask-CoT rules, the
+positions the divergence covers, the masked input, and a fingerprint (each row's content key and
+token counts). Composer splits all of them into microbatches along with the batch, so any
+microbatch split works; the fingerprint lets each microbatch be checked before it is trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from composer_remask.batch import (
+    DIVERGENCE_MASK_KEY,
+    MASKED_INPUT_IDS_KEY,
+    PREPARED_KEYS,
+    ROW_COUNTS_KEY,
+    SAMPLE_KEYS_KEY,
+    TOKEN_ROLES_KEY,
+    num_loss_tokens,
+    row_counts,
+)
+from composer_remask.masking import MaskVocabulary, content_sample_keys, remask_batch
+
+_SIGN = 1 << 63
+
+
+def _to_int64(keys: list[int]) -> torch.Tensor:
+    return torch.tensor([k - (1 << 64) if k >= _SIGN else k for k in keys], dtype=torch.int64)
+
+
+def check_batch(batch: Any) -> None:
+    if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
+        keys = list(batch.keys()) if isinstance(batch, Mapping) else type(batch).__name__
+        raise ValueError(f"ReMask needs dict batches with 'input_ids' and 'labels' (unshifted, -100 where "
+                         f"nothing is predicted); got {keys}.")
+
+
+def prepare_batch(
+    batch: Mapping[str, Any], vocabulary: MaskVocabulary, *, mask_prob: float, two_pass: bool, seed: int,
+    batch_index: int, rationale_label_drop_prob: float, answer_only_prob: float,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """The prepared batch, and this rank's counts ``[rows, CE tokens, divergence tokens, masked, maskable]``."""
+    check_batch(batch)
+    keys = content_sample_keys(batch["input_ids"], batch.get("attention_mask"), vocabulary.pad_token_id)
+    masked = remask_batch(
+        batch["input_ids"], batch["labels"], batch.get(TOKEN_ROLES_KEY), batch.get("attention_mask"),
+        mask_prob=mask_prob if two_pass else 0.0, vocabulary=vocabulary, seed=seed, batch_index=batch_index,
+        rationale_label_drop_prob=rationale_label_drop_prob, answer_only_prob=answer_only_prob, sample_keys=keys)
+    prepared = dict(batch)
+    prepared["labels"] = masked.labels
+    prepared[DIVERGENCE_MASK_KEY] = masked.divergence_mask
+    prepared[SAMPLE_KEYS_KEY] = _to_int64(keys).to(masked.labels.device)
+    prepared[ROW_COUNTS_KEY] = row_counts(masked.labels, masked.divergence_mask)
+    if two_pass:
+        prepared[MASKED_INPUT_IDS_KEY] = masked.masked_input_ids
+    counts = torch.tensor([masked.labels.shape[0], num_loss_tokens(masked.labels),
+                           int(masked.divergence_mask[:, 1:].sum()), int(masked.input_mask.sum()),
+                           int(masked.maskable.sum())], dtype=torch.float64)
+    return prepared, counts
+
+
+def microbatch_problem(microbatch: Any, vocabulary: MaskVocabulary, two_pass: bool) -> str | None:
+    """Why this microbatch is not rows of a prepared batch, unchanged; ``None`` when it is."""
+    required = (DIVERGENCE_MASK_KEY, SAMPLE_KEYS_KEY, ROW_COUNTS_KEY) + ((MASKED_INPUT_IDS_KEY,) if two_pass else ())
+    if not isinstance(microbatch, Mapping) or any(k not in microbatch for k in required):
+        return "ReMask's keys are missing"
+    ids = microbatch["input_ids"]
+    shapes = [microbatch[k].shape for k in ("labels", DIVERGENCE_MASK_KEY) + ((MASKED_INPUT_IDS_KEY,) if two_pass
+                                                                            else ())]
+    if any(shape != ids.shape for shape in shapes) or microbatch[SAMPLE_KEYS_KEY].shape[0] != ids.shape[0]:
+        return "its shape changed"
+    keys = _to_int64(content_sample_keys(ids, microbatch.get("attention_mask"), vocabulary.pad_token_id))
+    if not torch.equal(keys, microbatch[SAMPLE_KEYS_KEY].cpu()):
+        return "its tokens or attention mask changed"
+    if not torch.equal(row_counts(microbatch["labels"], microbatch[DIVERGENCE_MASK_KEY]).cpu(),
+                       microbatch[ROW_COUNTS_KEY].cpu()):
+        return "its labels changed"
+    return None
+
+
+def forward_batch(microbatch: Mapping[str, Any], two_pass: bool) -> dict[str, Any]:
+    """The model's input: ``[full; masked]`` along the batch (full only without a masked pass).
+
+    Labels, token roles and ReMask's keys stay out: the loss is computed from the outputs.
+    """
+    rows = int(microbatch["input_ids"].shape[0])
+    inputs: dict[str, Any] = {}
+    for key, value in microbatch.items():
+        if key in PREPARED_KEYS or key in ("labels", TOKEN_ROLES_KEY):
+            continue
+        if two_pass and isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
+            second = microbatch[MASKED_INPUT_IDS_KEY] if key == "input_ids" else value
+            value = torch.cat([value, second.to(value.device)], dim=0)
+        inputs[key] = value
+    return inputs
