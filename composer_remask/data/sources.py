@@ -65,6 +65,7 @@ TOO_DEEP = "too_deep"
 # Rows nested deeper than this are refused before the JSON parser recurses into them: the same
 # verdict in every process (the main one or a worker), far below Python's recursion limit.
 MAX_JSON_DEPTH = 128
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 _JSON_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 
 
@@ -273,6 +274,14 @@ class TooDeep:
     field: str | None
 
 
+def _max_depth(text: str) -> int:
+    """Deepest nesting of arrays/objects in a JSON text, vectorized (strings removed first)."""
+    structure = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8", "surrogateescape"), np.uint8)
+    steps = (np.isin(structure, (ord("["), ord("{"))).astype(np.int64)
+             - np.isin(structure, (ord("]"), ord("}"))))
+    return int(np.cumsum(steps).max(initial=0))
+
+
 def find_too_deep(text: str, max_depth: int = MAX_JSON_DEPTH, key_depth: int = 1) -> TooDeep | None:
     """The first place ``text`` nests more than ``max_depth`` arrays/objects, or None.
 
@@ -280,7 +289,7 @@ def find_too_deep(text: str, max_depth: int = MAX_JSON_DEPTH, key_depth: int = 1
     the deep value sits. A scan of strings and brackets only (no recursion), so it copes with any
     depth; ordinary rows have fewer brackets than the limit and are not scanned at all.
     """
-    if text.count("[") + text.count("{") <= max_depth:
+    if text.count("[") + text.count("{") <= max_depth or _max_depth(text) <= max_depth:
         return None
     depth, opener_at_key_depth, last_key = 0, "", None
     for match in _JSON_STRING_OR_BRACKET.finditer(text):
