@@ -102,26 +102,58 @@ def find_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
 
 
-def _load_composer_checkpoint(path: Path) -> dict[str, Any]:
-    from composer.utils.checkpoint import safe_torch_load
+def _load_composer_checkpoint(path: Path, trusted: bool = False) -> dict[str, Any]:
+    """The checkpoint's state dict, read without running code from the file unless ``trusted``.
 
-    if path.is_dir():  # sharded (torch.distributed.checkpoint) -> one torch.save file
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    A ``.pt`` file loads with ``weights_only=True`` (CRC-checked first, so a damaged file is an
+    error, not a silently wrong export); a sharded folder's ``.metadata`` is read by an unpickler
+    that only creates torch's checkpoint-metadata classes, and its data files load with
+    ``weights_only=True`` as well.
+    """
+    from composer_remask.train.checkpoints import (
+        SAFE_CHECKPOINT_GLOBALS,
+        CorruptCheckpointError,
+        load_checkpoint_file,
+        read_dcp_metadata,
+    )
 
-        with tempfile.TemporaryDirectory() as tmp:
-            merged = Path(tmp) / "merged.pt"
-            dcp_to_torch_save(path, merged)
-            return torch.load(merged, map_location="cpu", weights_only=False)
-    return safe_torch_load(path)
+    if not path.is_dir():
+        return load_checkpoint_file(path, trusted=trusted, check_crc=True)
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    class SafeMetadataReader(FileSystemReader):
+        def read_metadata(self) -> Any:
+            if trusted:
+                return super().read_metadata()
+            return read_dcp_metadata(Path(self.path) / ".metadata")
+
+    if not trusted:
+        read_dcp_metadata(path / ".metadata")  # refused here with its own message, not wrapped by DCP
+    state: dict[str, Any] = {}
+    try:
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+            _load_state_dict(state, storage_reader=SafeMetadataReader(path), planner=_EmptyStateDictLoadPlanner(),
+                             no_dist=True)
+    except CheckpointException as error:
+        raise CorruptCheckpointError(f"{path}: cannot read this sharded checkpoint: {error}") from error
+    return state
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str | None = None) -> Path:
-    """Export a Composer checkpoint of a ``HuggingFaceModel`` (config and tokenizer are stored in it)."""
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str | None = None,
+                      trust_checkpoint_pickle: bool = False) -> Path:
+    """Export a Composer checkpoint of a ``HuggingFaceModel`` (config and tokenizer are stored in it).
+
+    The checkpoint is read without running code from it; ``trust_checkpoint_pickle`` allows full
+    unpickling (Composer's own loader) for a file you trust that holds other Python objects.
+    """
     from composer.models import HuggingFaceModel
     from composer.models.huggingface import get_hf_config_from_composer_state_dict
 
     path = find_checkpoint(checkpoint)
-    state = _load_composer_checkpoint(path)
+    state = _load_composer_checkpoint(path, trust_checkpoint_pickle)
     try:
         hf_state = state["state"]["integrations"]["huggingface"]
     except KeyError:
@@ -138,13 +170,20 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str | 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="remask-export", description="Write a Hugging Face folder from a Composer checkpoint.")
+        prog="remask-export", description="Write a Hugging Face folder from a Composer checkpoint.",
+        epilog="Checkpoints are read safely: torch.load(weights_only=True) with the few numpy/datetime types a "
+               "Composer checkpoint holds, and a sharded folder's .metadata without pickle's code execution. "
+               "A file that needs anything else is refused; --trust-checkpoint-pickle unpickles it fully, "
+               "which runs any code the file contains: use it only for files you trust. The exported "
+               "folder holds safetensors weights only.")
     parser.add_argument("checkpoint", help="checkpoint .pt, sharded checkpoint folder, or a run's save_folder")
     parser.add_argument("--out", required=True, help="output folder (created)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast the weights (default: as saved)")
+    parser.add_argument("--trust-checkpoint-pickle", action="store_true",
+                        help="unpickle the checkpoint fully (weights_only=False): runs code from the file")
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out, args.dtype)
+        out = export_checkpoint(args.checkpoint, args.out, args.dtype, args.trust_checkpoint_pickle)
     except (FileNotFoundError, ValueError) as error:
         print(f"remask-export: {error}", file=sys.stderr)
         return 2

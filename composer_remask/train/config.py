@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -76,6 +77,9 @@ class TrainConfig:
     autoresume: bool = False
     load_path: str | None = None
     load_weights_only: bool = False
+    # Composer unpickles checkpoints fully; by default they are first checked to load with
+    # torch.load(weights_only=True). True skips the check (only for checkpoints you trust).
+    trust_checkpoint_pickle: bool = False
     export_folder: str | None = None
     export_dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
@@ -133,7 +137,7 @@ def config_from_omegaconf(cfg: DictConfig, source: str = "<dict>",
     def where(key: str) -> str:
         hit = next((k for k in sorted(overridden) if key == k or key.startswith(k + ".") or k.startswith(key + ".")),
                    None)
-        return f"command line override {hit!r}" if hit else source
+        return f"{source} (command line override {hit!r})" if hit else source
 
     try:
         missing = sorted(OmegaConf.missing_keys(cfg))
@@ -163,9 +167,64 @@ def config_from_omegaconf(cfg: DictConfig, source: str = "<dict>",
         problem = check_type(raw[field.name], hints[field.name])
         if problem:
             raise ConfigError(f"{where(field.name)}: {field.name}: {problem}")
+    for key, value in non_finite_numbers(raw):
+        raise ConfigError(f"{where(key)}: {key}: must be a finite number, got {value!r}")
+    for problem_key, problem in _top_level_problems(raw):
+        raise ConfigError(f"{where(problem_key)}: {problem_key}: {problem}")
     if overridden:
         source = f"{source} (with command-line overrides {sorted(overridden)})"
     return TrainConfig(**raw, source=source)
+
+
+def non_finite_numbers(tree: Any, prefix: str = "") -> list[tuple[str, float]]:
+    """Every NaN or infinite float in a resolved recipe, with its dotted key (YAML ``.nan``, ``inf``).
+
+    No option of a recipe takes a non-finite value; one that slips through trains a NaN model.
+    """
+    if isinstance(tree, float):
+        return [] if math.isfinite(tree) else [(prefix, tree)]
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return []
+    found = []
+    for key, value in items:
+        found += non_finite_numbers(value, f"{prefix}.{key}" if prefix else str(key))
+    return found
+
+
+DURATION_KEYS = ("max_duration", "eval_interval", "save_interval", "console_log_interval")
+MIN_SEQ_LEN = 2  # one input token and one predicted token
+
+
+def _top_level_problems(raw: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Values of the right type that still cannot run: durations, lengths, a run name that is a path."""
+    from composer.core import Time, TimeUnit
+
+    problems = []
+    for key in DURATION_KEYS:
+        if key in raw:
+            try:
+                duration = Time.from_input(raw[key], TimeUnit.BATCH if key == "console_log_interval" else TimeUnit.EPOCH)
+            except (ValueError, TypeError, RuntimeError) as error:
+                problems.append((key, f"not a duration ({error}); write e.g. 3ep, 100ba, 1000sp or 10000tok"))
+                continue
+            if duration.value <= 0 and key != "eval_interval":
+                problems.append((key, f"must be positive, got {raw[key]!r}"))
+    for key in ("max_seq_len", *(f"{loader}.max_seq_len" for loader in ("train_loader", "eval_loader"))):
+        section, _, leaf = key.rpartition(".")
+        holder = raw.get(section) if section else raw
+        value = holder.get(leaf) if isinstance(holder, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value < MIN_SEQ_LEN:
+            problems.append((key, f"must be at least {MIN_SEQ_LEN} (one input and one predicted token), got {value}"))
+    run_name = raw.get("run_name")
+    if isinstance(run_name, str) and (not run_name.strip() or run_name in (".", "..") or "/" in run_name
+                                      or "\\" in run_name or ".." in run_name or "\0" in run_name):
+        problems.append(("run_name", f"{run_name!r} must be a plain name: no path separators or '..' "
+                                     "(checkpoints go under save_folder/run_name)"))
+    return problems
 
 
 def _dotted_keys(cfg: Any, prefix: str = "") -> set[str]:

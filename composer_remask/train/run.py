@@ -1,8 +1,11 @@
 """``composer train.py RECIPE.yaml [key=value ...]``: the whole training story, top to bottom.
 
-1. read and validate the recipe (nothing heavy yet);
-2. tokenizer, data, model, optimizer, schedule, algorithms, callbacks, loggers;
-3. ``Trainer.fit()`` with checkpoints and autoresume;
+1. read and validate the recipe (nothing heavy yet): every section, the algorithms, optimizer and
+   schedule constructed once, the tokenizer, and the corpus manifest against the recipe;
+2. data, model, optimizer, schedule, algorithms, callbacks, loggers;
+3. ``Trainer.fit()`` with checkpoints and autoresume (unreadable checkpoints left by a crash are moved
+   aside first; every checkpoint load is checked to be safe, see ``checkpoints.py``), stopped at the
+   first non-finite loss;
 4. export a Hugging Face folder and print a summary.
 """
 
@@ -31,10 +34,16 @@ from composer_remask.train.builders import (
     build_optimizer,
     build_parallelism_config,
     build_scheduler,
-    build_tokenizer,
-    validate_sections,
 )
+from composer_remask.train.checkpoints import CheckpointError, install_safe_loading, recover_save_folder
 from composer_remask.train.config import ConfigError, TrainConfig, load_config
+from composer_remask.train.preflight import (
+    NonFiniteLossError,
+    NonFiniteLossGuard,
+    check_corpus,
+    load_recipe_tokenizer,
+    validate_recipe,
+)
 from composer_remask.train.report import RunReport, RunSummary, latest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -42,8 +51,11 @@ log = logging.getLogger(__name__)
 __all__ = ["build_trainer", "import_code_paths", "main", "train"]
 
 
-def import_code_paths(paths: Sequence[str]) -> None:
+def import_code_paths(paths: Sequence[str], where: str = "code_paths") -> None:
     """Import user files (``code_paths``) so that they can register their own entries."""
+    for path in paths:
+        if not Path(path).is_file():
+            raise ConfigError(f"{where}: no such file {path!r} (relative paths are read from {Path.cwd()})")
     for index, path in enumerate(paths):
         spec = importlib.util.spec_from_file_location(f"remask_user_code_{index}", path)
         if spec is None or spec.loader is None:
@@ -55,11 +67,15 @@ def import_code_paths(paths: Sequence[str]) -> None:
 
 def build_trainer(cfg: TrainConfig) -> tuple[Trainer, RunReport]:
     """Every object of the recipe, then the Trainer (which starts the process group)."""
-    import_code_paths(cfg.code_paths or [])
-    validate_sections(cfg)
+    import_code_paths(cfg.code_paths or [], cfg.where("code_paths"))
+    validate_recipe(cfg)
+    install_safe_loading(trusted=cfg.trust_checkpoint_pickle)
     reproducibility.seed_all(cfg.seed)  # random-init weights depend on the recipe's seed
 
-    tokenizer = build_tokenizer(cfg)
+    tokenizer = load_recipe_tokenizer(cfg)
+    check_corpus(cfg, tokenizer)
+    if cfg.autoresume:
+        prepare_save_folder(cfg)
     sizes = build_batch_sizes(cfg)
     train_loader, eval_loader = build_loaders(cfg, tokenizer, sizes)
     parallelism_config = build_parallelism_config(cfg)
@@ -78,10 +94,12 @@ def build_trainer(cfg: TrainConfig) -> tuple[Trainer, RunReport]:
         optimizers=optimizer,
         schedulers=build_scheduler(cfg),
         algorithms=build_algorithms(cfg),
-        callbacks=[*build_callbacks(cfg), report],
+        callbacks=[*build_callbacks(cfg), report, NonFiniteLossGuard()],
         loggers=build_loggers(cfg),
         run_name=cfg.run_name,
-        progress_bar=cfg.progress_bar,
+        # A progress bar redraws its line; in a log file every redraw becomes a line of its own.
+        # Off the terminal the report's lines (every console_log_interval) say the same once.
+        progress_bar=cfg.progress_bar and sys.stderr.isatty(),
         log_to_console=cfg.log_to_console,
         console_log_interval=cfg.console_log_interval,
         python_log_level=cfg.python_log_level,
@@ -101,6 +119,16 @@ def build_trainer(cfg: TrainConfig) -> tuple[Trainer, RunReport]:
         dist_timeout=cfg.dist_timeout,
     )
     return trainer, report
+
+
+def prepare_save_folder(cfg: TrainConfig) -> None:
+    """Before autoresume: move checkpoints cut short by a crash aside and repoint ``latest`` (rank 0)."""
+    from composer.utils import format_name_with_dist
+
+    if not cfg.save_folder or "://" in cfg.save_folder or dist.get_global_rank() != 0:
+        return
+    folder = format_name_with_dist(cfg.save_folder, cfg.run_name or "")
+    recover_save_folder(folder)
 
 
 def train(cfg: TrainConfig) -> RunSummary:
@@ -142,6 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="Train a recipe: composer train.py RECIPE.yaml [key=value ...] (or python train.py ...)",
+        epilog="Checkpoints (autoresume, load_path=) are loaded by Composer, which unpickles them in full "
+               "(torch.load(weights_only=False)): a crafted .pt could run code. Before Composer reads one, this "
+               "entry point loads it with torch.load(weights_only=True) and the few numpy/datetime types a "
+               "Composer checkpoint holds, and refuses it otherwise; trust_checkpoint_pickle=true skips the "
+               "check for checkpoints you trust. Exported models (export_folder, remask-export) are "
+               "safetensors: load those when you only need the weights.",
     )
     parser.add_argument("recipe", help="training YAML, e.g. yamls/tiny_cpu.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_duration=10ba optimizer.lr=2e-5")
@@ -149,7 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
         train(cfg)
-    except ConfigError as error:
+    except (ConfigError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
     return 0
