@@ -153,10 +153,13 @@ def verify_shards_on_disk(dataset_dir: str) -> None:
             if info is None:
                 continue
             path = os.path.join(dataset_dir, info["basename"])
-            if os.path.isfile(path):
+            try:
                 with open(path, "rb") as f:
-                    _check_shard_file(path, info, f.read())
-                break  # the raw file, when present, is the one read; its zip is not used
+                    data = f.read()
+            except FileNotFoundError:  # not there (yet, or evicted by the cache limit meanwhile)
+                continue
+            _check_shard_file(path, info, data)
+            break  # the raw file, when present, is the one read; its zip is not used
 
 
 def _all_decompressed(dataset_dir: str) -> bool:
