@@ -352,3 +352,46 @@ def test_fsdp_full_shard_step_matches_the_unwrapped_model(tmp_path, use_orig_par
     diffs = [float((tmp_path / f"diff.rank{r}").read_text()) for r in range(2)]
     print(f"FSDP FULL_SHARD use_orig_params={use_orig_params}: max |w_fsdp - w_plain| per rank = {diffs}")
     assert max(diffs) < 1e-5
+
+
+def test_auto_weighting_is_exact_whatever_the_dataspec_counts(tiny_tokenizer):
+    """llm-foundry counts labelled tokens after ReMask-CoT's drops; nothing needs declaring."""
+    def foundry_like_spec(loader):
+        return DataSpec(loader, get_num_tokens_in_batch=lambda b: {
+            "total": int(b["attention_mask"].sum()), "loss_generating": int((b["labels"][:, 1:] != -100).sum())})
+
+    results = {}
+    for microbatch in (1, 2, 4):
+        model = build_model(tiny_tokenizer)
+        loader = DataLoader(CoTDataset(tiny_tokenizer, 8), batch_size=4, collate_fn=collate)
+        logger = InMemoryLogger()
+        Trainer(model=model, train_dataloader=foundry_like_spec(loader), max_duration="2ba", device="cpu",
+                optimizers=torch.optim.SGD(model.parameters(), lr=0.5), loggers=[logger], progress_bar=False,
+                algorithms=[ReMask(seed=3, rationale_label_drop_prob=0.5, answer_only_prob=0.3)],
+                device_train_microbatch_size=microbatch, accumulate_train_batch_on_tokens=True).fit()
+        results[microbatch] = (weights(model), logged(logger, "loss/train/total"))
+    for microbatch in (1, 2):
+        assert max_weight_diff(results[microbatch][0], results[4][0]) < 1e-5
+        assert results[microbatch][1] == pytest.approx(results[4][1], abs=1e-5)
+
+
+def test_label_rules_without_token_roles_warn_once(tiny_tokenizer):
+    def collate_without_roles(examples):
+        batch = collate(examples)
+        del batch["token_roles"]
+        return batch
+
+    loader = DataLoader(CoTDataset(tiny_tokenizer, 8), batch_size=4, collate_fn=collate_without_roles)
+    model = build_model(tiny_tokenizer)
+    with pytest.warns(UserWarning, match="do nothing: the batches have no 'token_roles'") as record:
+        Trainer(model=model, train_dataloader=loader, max_duration="2ba", device="cpu", progress_bar=False,
+                optimizers=torch.optim.SGD(model.parameters(), lr=0.1), algorithms=[ReMask()]).fit()
+    assert sum("token_roles" in str(w.message) for w in record) == 1
+    import warnings
+
+    with warnings.catch_warnings(record=True) as quiet:
+        warnings.simplefilter("always")
+        Trainer(model=build_model(tiny_tokenizer), train_dataloader=loader, max_duration="1ba", device="cpu",
+                progress_bar=False, algorithms=[ReMask(rationale_label_drop_prob=0, answer_only_prob=0)],
+                optimizers=torch.optim.SGD(model.parameters(), lr=0.1)).fit()
+    assert not any("token_roles" in str(w.message) for w in quiet)  # silent once the rules are off
