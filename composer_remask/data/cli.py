@@ -132,8 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_build(args) if args.command == "build" else _run_inspect(args)
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or BuildInterrupted for SIGTERM/SIGHUP
         signum = getattr(interrupt, "signum", signal.SIGINT)
-        print(f"{parser.prog}: error: interrupted by {signal.Signals(signum).name}; the {args.command} did not "
-              "finish (no partial output was kept)", file=sys.stderr)
+        cleaned = "; the partial output was removed" if args.command == "build" else ""
+        print(f"{parser.prog}: error: interrupted by {signal.Signals(signum).name}{cleaned}", file=sys.stderr)
         return 128 + signum
     except (ValueError, OSError, RuntimeError, argparse.ArgumentTypeError) as error:
         # DataError and BuildError (ValueErrors) name file, line and field; the others the option or path.
