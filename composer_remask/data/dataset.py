@@ -98,17 +98,25 @@ class ShardIntegrityError(ValueError):
     """A shard file on disk differs from what ``index.json`` records for it."""
 
 
-def _check_shard_file(path: str, info: Mapping[str, Any], data: bytes) -> None:
+def _check_shard_file(path: str, info: Mapping[str, Any], data: bytes, remedy: str = "rebuild the corpus") -> None:
     from streaming.base.hashing import get_hash
 
     if "bytes" in info and len(data) != info["bytes"]:
         raise ShardIntegrityError(f"{path}: {len(data)} bytes, but index.json records {info['bytes']}: the shard is "
-                                  "truncated or corrupt")
+                                  f"truncated or corrupt; {remedy}")
     hashes = info.get("hashes") or {}
     algorithm = next((name for name in HASH_PREFERENCE if name in hashes), min(hashes, default=None))
     if algorithm is not None and get_hash(algorithm, data) != hashes[algorithm]:
         raise ShardIntegrityError(f"{path}: {algorithm} {get_hash(algorithm, data)} differs from "
-                                  f"{hashes[algorithm]} recorded in index.json: the shard is corrupt")
+                                  f"{hashes[algorithm]} recorded in index.json: the shard is corrupt; {remedy}")
+
+
+def _remedy(shard_info: Mapping[str, Any], info: Mapping[str, Any]) -> str:
+    zipped = shard_info["zip_data"]
+    if info is shard_info["raw_data"] and zipped is not None:
+        return (f"delete it to have it decompressed again from {zipped['basename']} (which is checked), "
+                "or rebuild the corpus")
+    return "rebuild the corpus (or copy it again)"
 
 
 def _read_index(dataset_dir: str) -> dict[str, Any]:
@@ -130,12 +138,12 @@ def shard_data(dataset_dir: str, shard_info: Mapping[str, Any]) -> bytes:
     if zipped is None or os.path.isfile(raw_path):
         with open(raw_path, "rb") as f:
             data = f.read()
-        _check_shard_file(raw_path, raw, data)
+        _check_shard_file(raw_path, raw, data, _remedy(shard_info, raw))
         return data
     zip_path = os.path.join(dataset_dir, zipped["basename"])
     with open(zip_path, "rb") as f:
         compressed = f.read()
-    _check_shard_file(zip_path, zipped, compressed)
+    _check_shard_file(zip_path, zipped, compressed, _remedy(shard_info, zipped))
     data = decompress(shard_info["compression"], compressed)
     _check_shard_file(f"{zip_path} (decompressed)", raw, data)
     return data
@@ -158,7 +166,7 @@ def verify_shards_on_disk(dataset_dir: str) -> None:
                     data = f.read()
             except FileNotFoundError:  # not there (yet, or evicted by the cache limit meanwhile)
                 continue
-            _check_shard_file(path, info, data)
+            _check_shard_file(path, info, data, _remedy(shard_info, info))
             break  # the raw file, when present, is the one read; its zip is not used
 
 

@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from composer_remask.data.tokenizer import add_remask_tokens
+from composer_remask.data.tokenizer import add_remask_tokens as add_remask_special_tokens
 from composer_remask.train import registry
 from composer_remask.train.config import ConfigError, TrainConfig, check_kwargs, check_type
 from composer_remask.train.model import ComposerCausalLM
@@ -54,13 +54,18 @@ FSDP_CASE_INSENSITIVE = ("sharding_strategy", "backward_prefetch")
 
 # ------------------------------------------------------------------------------------ tokenizer
 
-def load_tokenizer(name: str, kwargs: Mapping[str, Any] | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(name: str, kwargs: Mapping[str, Any] | None = None,
+                   add_remask_tokens: bool = True) -> PreTrainedTokenizerBase:
     """A Hugging Face tokenizer by hub name or local path, with ReMask's special tokens added.
 
+    ``add_remask_tokens`` (default true) adds ``<|mask|>`` and the structural tags next to the
+    tokenizer's own special tokens; the model's embeddings grow to fit. ``false`` keeps the
+    tokenizer as it ships (``mask_strategy: random`` or ``pad`` need no mask token).
     A relative path is read from the working directory (run from the repository root).
     """
     tokenizer = AutoTokenizer.from_pretrained(name, **dict(kwargs or {}))
-    add_remask_tokens(tokenizer)
+    if add_remask_tokens:
+        add_remask_special_tokens(tokenizer)
     return tokenizer
 
 
