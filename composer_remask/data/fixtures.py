@@ -332,11 +332,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out_dir is None and args.tokenizer is None:
         parser.error("give OUT_DIR, --tokenizer DIR, or both")
-    if args.out_dir is not None:
-        for path in write_source_fixtures(args.out_dir, rows=args.rows, seed=args.seed).values():
-            print(path)
-    if args.tokenizer is not None:
-        print(save_tiny_tokenizer(args.tokenizer))
+    if args.rows < 0:
+        parser.error(f"--rows must be >= 0, got {args.rows}")
+    try:
+        if args.out_dir is not None:
+            for path in write_source_fixtures(args.out_dir, rows=args.rows, seed=args.seed).values():
+                print(path)
+        if args.tokenizer is not None:
+            print(save_tiny_tokenizer(args.tokenizer))
+    except (OSError, ValueError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
     return 0
 
 

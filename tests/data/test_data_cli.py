@@ -104,8 +104,11 @@ def test_fixtures_command_writes_files(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "fx").iterdir()) == [
         "generic.jsonl", "oasst2.jsonl", "oasst2.parquet", "reddit.jsonl", "tinycot.jsonl"]
     assert len((tmp_path / "fx" / "reddit.jsonl").read_text().splitlines()) == 3
-    with pytest.raises(SystemExit):
-        fixtures_main([])
+    for bad in ([], [str(tmp_path / "fx"), "--rows", "-1"], [str(tmp_path / "fx" / "reddit.jsonl" / "sub")]):
+        with pytest.raises(SystemExit) as exit_info:
+            fixtures_main(bad)
+        assert exit_info.value.code == 2
+        assert ": error:" in capsys.readouterr().err
 
 
 def test_committed_tiny_tokenizer_is_small_reproducible_and_good_at_numbers(asset_tokenizer, tmp_path):
