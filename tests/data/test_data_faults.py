@@ -203,6 +203,7 @@ def _without_permission_overrides() -> None:
             raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
 
 
+@pytest.mark.slow  # a child process that imports torch and streaming
 def test_a_read_only_corpus_folder_trains_through_a_writable_cache(asset_tokenizer, fixture_files, tmp_path,
                                                                     fresh_shm):
     """The corpus folder cannot be written to: shards are decompressed into a cache instead.
