@@ -100,6 +100,10 @@ def test_choices_use_validation_only_and_report_renders(tmp_path: Path) -> None:
     runs = [_record("sft", s, [0.1, 0.6, 0.4], [0.1, 0.9, 0.3]) for s in (0, 1)]
     runs += [_record("remask-p0.4-w0.1", s, [0.1, 0.5, 0.7], [0.1, 0.4, 0.5]) for s in (0, 1)]
     assert runs[0]["val_chosen_epoch"] == 1 and runs[2]["val_chosen_epoch"] == 2
+    flexible_first = [{"epoch": 1, "val": {"accuracy": 0.5, "accuracy_flexible": 0.1}},
+                      {"epoch": 2, "val": {"accuracy": 0.2, "accuracy_flexible": 0.6}}]
+    assert sweep.val_chosen(flexible_first)["epoch"] == 1
+    assert sweep.val_chosen(flexible_first, "accuracy_flexible")["epoch"] == 2
     summary = sweep.summarize(runs)
     assert sweep.best_cell(summary) == "remask-p0.4-w0.1"
     assert summary["sft"]["test_by_epoch"]["1"] == (0.9, 0.0)

@@ -11,7 +11,8 @@ Per split and evaluation:
 - ``accuracy``: greedy generation from ``<|user|>\\n{prompt}\\n<|rationale|>\\n`` (the project's CoT
   template, as in lm_eval_task.py), the number right after the first ``<|answer|>\\n`` equals the
   target (GSM8K-style strict match); ``accuracy_flexible``: the last number of the generation;
-- ``accuracy_by_length``: the same by chain length (operations in the problem);
+- ``accuracy_by_length`` / ``accuracy_flexible_by_length``: the same by chain length (operations
+  in the problem);
 - ``step_acc_teacher_forced``: the share of rationale steps whose result the model predicts
   (greedy, every token) given the prompt and the *gold* rationale before it;
   ``predicted_by_length``: ``step_acc_teacher_forced ** L``, the accuracy at chain length L if
@@ -112,6 +113,7 @@ def evaluate_rows(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, str]],
     finally:
         model.train(was_training)
     by_length: dict[int, list[bool]] = defaultdict(list)
+    flexible_by_length: dict[int, list[bool]] = defaultdict(list)
     strict, flexible = [], []
     for row, text in zip(rows, generations):
         match = STRICT.search(text)
@@ -120,6 +122,7 @@ def evaluate_rows(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, str]],
         strict.append(ok)
         flexible.append(bool(numbers) and numbers[-1] == row["target"])
         by_length[row["rationale"].count("=")].append(ok)
+        flexible_by_length[row["rationale"].count("=")].append(flexible[-1])
     step_flags = [flag for steps in forced for flag in steps]
     step_acc = sum(step_flags) / max(1, len(step_flags))
     return {
@@ -127,6 +130,7 @@ def evaluate_rows(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, str]],
         "accuracy": sum(strict) / max(1, len(strict)),
         "accuracy_flexible": sum(flexible) / max(1, len(flexible)),
         "accuracy_by_length": {str(k): sum(v) / len(v) for k, v in sorted(by_length.items())},
+        "accuracy_flexible_by_length": {str(k): sum(v) / len(v) for k, v in sorted(flexible_by_length.items())},
         "count_by_length": {str(k): len(v) for k, v in sorted(by_length.items())},
         "step_acc_teacher_forced": step_acc,
         "predicted_by_length": {str(k): step_acc ** k for k in sorted(by_length)},
