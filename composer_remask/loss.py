@@ -25,11 +25,14 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from composer_remask.batch import IGNORE_INDEX
 
-# Rows per chunk are chosen so one fp32 (rows x vocab) tensor holds about this many elements.
-_CHUNK_ELEMENTS = 1 << 23
+# Rows per chunk are chosen so the chunk's logits (both passes) hold about this many elements; the
+# elementwise work then runs on blocks of about _BLOCK_ELEMENTS, which stay in a CPU core's cache.
+_CHUNK_ELEMENTS = 1 << 25
+_BLOCK_ELEMENTS = 1 << 23
 
 
 class LossSums(NamedTuple):
@@ -150,26 +153,85 @@ def _subtract_at_targets(grad: torch.Tensor, targets: torch.Tensor, amount: floa
     grad.scatter_add_(-1, targets.clamp(min=0).unsqueeze(-1), source)
 
 
-def _apply_logit_grad(grad: LogitGrad, p_self: torch.Tensor, p_other: torch.Tensor, log_ratio: torch.Tensor,
-                      ce_rows: torch.Tensor) -> torch.Tensor:
-    """``p_self * (scale * d + offset + ce) + cross * p_other``: the closed form plus the CE's softmax term."""
-    offset = ce_rows if grad.offset is None else grad.offset.unsqueeze(-1) + ce_rows
+class _Workspace:
+    """Buffers reused by every chunk and block of one call, so they are allocated once."""
+
+    def __init__(self, vocab: int, device: torch.device) -> None:
+        self.vocab, self.device = vocab, device
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape[0] < rows or buffer.dtype != dtype:
+            buffer = torch.empty(rows, self.vocab, dtype=dtype, device=self.device)
+            self._buffers[name] = buffer
+        return buffer[:rows]
+
+
+def _fill_divergence_factor(out: torch.Tensor, grad: LogitGrad, log_ratio: torch.Tensor,
+                            ce_rows: torch.Tensor) -> None:
+    """``out = scale * d + offset + ce``: the factor the pass's own probabilities multiply."""
+    offset = ce_rows if grad.offset is None else grad.offset + ce_rows
     if grad.log_ratio_scale is None:
-        out = p_self * offset
+        out.copy_(offset.unsqueeze(-1).expand_as(out))
     else:
-        out = torch.addcmul(offset, log_ratio, grad.log_ratio_scale.unsqueeze(-1)).mul_(p_self)
-    if grad.cross is not None:
-        out.addcmul_(p_other, grad.cross.unsqueeze(-1))
-    return out
+        torch.addcmul(offset.unsqueeze(-1), log_ratio, grad.log_ratio_scale.unsqueeze(-1), out=out)
+
+
+def _write_pass_grad(out: torch.Tensor, grad: torch.Tensor, cross: torch.Tensor | None,
+                     p_other: torch.Tensor) -> None:
+    """``out = grad + cross * p_other`` (cast to ``out``'s dtype once, at the end)."""
+    if cross is None:
+        out.copy_(grad)
+    else:
+        torch.addcmul(grad, p_other, cross.unsqueeze(-1), out=out)
+
+
+def _closed_form_block(logits, out, two_pass, targets, div_rows, spec, detach_full, ce_coef, div_coef, work):
+    """One block's sums; writes its logit gradient into ``out`` (CE's and the divergence's closed forms).
+
+    Rows interleave the passes (full, masked, full, ...). The block is small enough to stay in cache
+    across the dozen elementwise passes: log-softmax, exp, the log-ratio d, the row dot products,
+    and the multiply-adds that form the gradient (all fp32).
+    """
+    passes = 2 if two_pass else 1
+    valid = targets != IGNORE_INDEX
+    ce_rows = ce_coef * valid.float()  # rows without a target get no CE gradient
+    row_targets = targets.repeat_interleave(passes) if two_pass else targets
+    logp = torch.log_softmax(logits, -1, dtype=torch.float32, out=work.get("logp", logits.shape[0], torch.float32))
+    target_logp = logp.gather(-1, row_targets.clamp(min=0).unsqueeze(-1)).view(-1, passes)
+    ce = -(target_logp * valid.unsqueeze(-1)).sum(0)
+    if not two_pass:
+        grad = logp.exp_().mul_(ce_rows.unsqueeze(-1))
+        _subtract_at_targets(grad, targets, ce_coef)
+        out.copy_(grad)
+        return ce, None
+    rows, vocab = targets.shape[0], logits.shape[-1]
+    probs = torch.exp(logp, out=work.get("probs", logits.shape[0], torch.float32))
+    logp_pairs, prob_pairs = logp.view(rows, 2, vocab), probs.view(rows, 2, vocab)
+    p_full, p_masked = prob_pairs[:, 0], prob_pairs[:, 1]
+    log_ratio = torch.sub(logp_pairs[:, 0], logp_pairs[:, 1], out=logp_pairs[:, 0])  # d = log p_full - log p_masked
+    dots = torch.bmm(prob_pairs, log_ratio.unsqueeze(-1)).view(rows, 2)  # sum p_full d, sum p_masked d
+    closed = spec.closed_form(dots[:, 0], -dots[:, 1], div_coef * div_rows.float())
+    # The gradient overwrites the log-probabilities: the masked rows first, as they read d from the full rows.
+    grad_full, grad_masked = logp_pairs[:, 0], logp_pairs[:, 1]
+    _fill_divergence_factor(grad_masked, closed.grad_masked, log_ratio, ce_rows)
+    if detach_full:  # the divergence does not train the full pass
+        grad_full.copy_(ce_rows.unsqueeze(-1).expand_as(grad_full))
+    else:
+        _fill_divergence_factor(grad_full, closed.grad_full, log_ratio, ce_rows)
+    grad = logp.mul_(probs)
+    _subtract_at_targets(grad, row_targets, ce_coef)
+    out_pairs = out.view(rows, 2, vocab)
+    _write_pass_grad(out_pairs[:, 0], grad_full, None if detach_full else closed.grad_full.cross, p_masked)
+    _write_pass_grad(out_pairs[:, 1], grad_masked, closed.grad_masked.cross, p_full)
+    return ce, (closed.per_token * div_rows).sum()
 
 
 def _chunk_sums(logits_full, logits_masked, targets, div_rows, spec, detach_full):
-    """Sums over one chunk of rows: CE(full), CE(masked), divergence (fp32, differentiable)."""
+    """Sums over rows: CE(full), CE(masked), divergence (fp32, differentiable)."""
     logp_full = torch.log_softmax(logits_full.float(), dim=-1)
     ce_full = F.nll_loss(logp_full, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    if logits_masked is None:
-        zero = logp_full.new_zeros(())
-        return ce_full, zero, zero
     logp_masked = torch.log_softmax(logits_masked.float(), dim=-1)
     ce_masked = F.nll_loss(logp_masked, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     teacher = logp_full.detach() if detach_full else logp_full
@@ -177,46 +239,23 @@ def _chunk_sums(logits_full, logits_masked, targets, div_rows, spec, detach_full
     return ce_full, ce_masked, div
 
 
-def _logit_grads_closed_form(a, b, targets, div_rows, spec, detach_full, ce_coef, div_coef):
-    """Sums and logit gradients from the divergence's closed form (fewest passes over V)."""
-    valid = targets != IGNORE_INDEX
-    safe = targets.clamp(min=0).unsqueeze(-1)
-    logp_full = torch.log_softmax(a.float(), dim=-1)
-    ce_full = -(logp_full.gather(-1, safe).squeeze(-1) * valid).sum()
-    ce_rows = (ce_coef * valid.float()).unsqueeze(-1)  # rows without a target get no CE gradient
-    if b is None:
-        grad_a = logp_full.exp_().mul_(ce_rows)
-        _subtract_at_targets(grad_a, targets, ce_coef)
-        zero = ce_full.new_zeros(())
-        return ce_full, zero, zero, grad_a, None
-    logp_masked = torch.log_softmax(b.float(), dim=-1)
-    ce_masked = -(logp_masked.gather(-1, safe).squeeze(-1) * valid).sum()
-    p_full = logp_full.exp()
-    log_ratio = logp_full.sub_(logp_masked)  # the log-probabilities are not needed any more
-    p_masked = logp_masked.exp_()
-    kl_fm = (p_full * log_ratio).sum(-1)
-    kl_mf = -(p_masked * log_ratio).sum(-1)
-    closed = spec.closed_form(kl_fm, kl_mf, div_coef * div_rows.float())
-    if detach_full:  # the divergence does not train the full pass
-        grad_a = p_full * ce_rows
-    else:
-        grad_a = _apply_logit_grad(closed.grad_full, p_full, p_masked, log_ratio, ce_rows)
-    grad_b = _apply_logit_grad(closed.grad_masked, p_masked, p_full, log_ratio, ce_rows)
-    _subtract_at_targets(grad_a, targets, ce_coef)
-    _subtract_at_targets(grad_b, targets, ce_coef)
-    div = (closed.per_token * div_rows).sum()
-    return ce_full, ce_masked, div, grad_a, grad_b
-
-
-def _logit_grads_autograd(a, b, targets, div_rows, spec, detach_full, ce_coef, div_coef):
-    """Sums and logit gradients by autograd on the chunk, for divergences without a closed form."""
+def _autograd_block(logits, out, two_pass, targets, div_rows, spec, detach_full, ce_coef, div_coef, work):
+    """One block's sums and logit gradient by autograd, for divergences without a closed form."""
     with torch.enable_grad():
-        a = a.detach().float().requires_grad_()
-        b = None if b is None else b.detach().float().requires_grad_()
-        ce_full, ce_masked, div = _chunk_sums(a, b, targets, div_rows, spec, detach_full)
-        total = ce_coef * (ce_full + ce_masked) + div_coef * div
-        grads = torch.autograd.grad(total, [a] if b is None else [a, b])
-    return ce_full.detach(), ce_masked.detach(), div.detach(), grads[0], None if b is None else grads[1]
+        stacked = logits.detach().float().requires_grad_()
+        pairs = stacked.view(targets.shape[0], 2, -1)
+        ce_full, ce_masked, div = _chunk_sums(pairs[:, 0], pairs[:, 1], targets, div_rows, spec, detach_full)
+        (grad,) = torch.autograd.grad(ce_coef * (ce_full + ce_masked) + div_coef * div, [stacked])
+    out.copy_(grad)
+    return torch.stack([ce_full.detach(), ce_masked.detach()]), div.detach()
+
+
+def _compute_dtype(head_weight: torch.Tensor) -> torch.dtype:
+    """The dtype the output layer's products run in: autocast's when it is on, else the weight's."""
+    device_type = head_weight.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return head_weight.dtype
 
 
 class _ChunkedRemaskLoss(torch.autograd.Function):
@@ -224,81 +263,139 @@ class _ChunkedRemaskLoss(torch.autograd.Function):
 
     Forward returns ``(total, ce_full_sum, ce_masked_sum, div_sum)`` with the sums unscaled and not
     differentiable, and ``total = ce_scale * 0.5 * (ce sums) + div_scale * div`` (``ce_scale *
-    ce_full`` when there is no masked pass). Gradients are computed here, per chunk, and backward
-    only scales them.
+    ce_full`` when there is no masked pass). A chunk interleaves its full and masked rows, so each
+    product runs once over both: the logits, the hidden rows' gradient, and the output weight's
+    gradient, accumulated in place in one fp32 buffer. The logits buffer is then overwritten, block
+    by cache-sized block, by the logits' gradient. Backward only scales the stored gradients.
     """
 
     @staticmethod
     def forward(ctx, rows_full, rows_masked, head_weight, head_bias, targets, div_rows, ce_scale, div_scale,
                 spec, detach_full, chunk_rows, on_full_logits):
         two_pass = rows_masked is not None
+        passes = 2 if two_pass else 1
         ce_coef = ce_scale * (0.5 if two_pass else 1.0)
         # Chunk gradients are formed with coefficients of order one and the scale is applied to the
         # fp32 accumulators, so fp16 matmuls do not underflow on 1/(tokens in the batch).
         norm = max(ce_coef, div_scale) or 1.0
-        logit_grads = _logit_grads_closed_form if spec.closed_form is not None else _logit_grads_autograd
+        block_grads = _closed_form_block if spec.closed_form is not None or not two_pass else _autograd_block
         inputs = (rows_full, rows_masked, head_weight, head_bias)
         needs = [t is not None and t.requires_grad for t in inputs]
-        grads = [torch.zeros_like(t, dtype=torch.float32) if need else None for t, need in zip(inputs, needs)]
-        sums = torch.zeros(3, dtype=torch.float32, device=rows_full.device)
-        weight = None if head_weight is None else head_weight.detach()
-        bias = None if head_bias is None else head_bias.detach()
-        for start in range(0, rows_full.shape[0], chunk_rows):
-            end = min(start + chunk_rows, rows_full.shape[0])
-            h_full = rows_full[start:end].detach()
-            h_masked = rows_masked[start:end].detach() if two_pass else None
-            if weight is not None:
-                logits_full = F.linear(h_full, weight, bias)
-                logits_masked = F.linear(h_masked, weight, bias) if two_pass else None
-            else:
-                logits_full, logits_masked = h_full, h_masked
-            if on_full_logits is not None:
-                on_full_logits(start, end, logits_full)
-            ce_full, ce_masked, div, grad_a, grad_b = logit_grads(
-                logits_full, logits_masked, targets[start:end], div_rows[start:end], spec, detach_full,
-                ce_coef / norm, div_scale / norm)
-            del logits_full, logits_masked
-            sums += torch.stack([ce_full, ce_masked, div])
-            if weight is None:  # rows are the logits themselves
-                if needs[0]:
-                    grads[0][start:end] = grad_a
-                if needs[1]:
-                    grads[1][start:end] = grad_b
-                continue
-            grad_a, grad_b = grad_a.to(weight.dtype), None if grad_b is None else grad_b.to(weight.dtype)
-            if needs[0]:
-                grads[0][start:end] = grad_a @ weight
-            if needs[1]:
-                grads[1][start:end] = grad_b @ weight
-            if needs[2]:
-                grads[2] += grad_a.t() @ h_full.to(weight.dtype)
-                if two_pass:
-                    grads[2] += grad_b.t() @ h_masked.to(weight.dtype)
-            if needs[3]:
-                grads[3] += grad_a.float().sum(0) + (grad_b.float().sum(0) if two_pass else 0.0)
+        n_rows, device = rows_full.shape[0], rows_full.device
+        if head_weight is not None:
+            compute_dtype = _compute_dtype(head_weight)
+            # One cast of the output layer per call; autocast would cast it again for every product.
+            weight = head_weight.detach().to(compute_dtype)
+            bias = None if head_bias is None else head_bias.detach().to(compute_dtype)
+            vocab = weight.shape[0]
+        else:
+            compute_dtype, vocab = torch.float32, rows_full.shape[-1]
+        # The first chunk writes the output weight's gradient (no zero fill); accumulated after that.
+        write_weight_grad = needs[2] and compute_dtype == torch.float32 and n_rows > 0
+        grads = [None if not need else (torch.empty if i == 2 and write_weight_grad else torch.zeros)(
+            t.shape, dtype=torch.float32, device=device) for i, (t, need) in enumerate(zip(inputs, needs))]
+        block_rows = _block_rows_for(vocab, min(chunk_rows, n_rows), device, passes)
+        work = _Workspace(vocab, device)
+        sums = torch.zeros(3, dtype=torch.float32, device=device)
+        with torch.autocast(device.type, enabled=False):  # every dtype below is explicit
+            for start in range(0, n_rows, chunk_rows):
+                end = min(start + chunk_rows, n_rows)
+                rows = end - start
+                parts = [rows_full[start:end], rows_masked[start:end]] if two_pass else [rows_full[start:end]]
+                logits = work.get("logits", passes * rows, compute_dtype)
+                if head_weight is None:
+                    for i, part in enumerate(parts):
+                        logits.view(rows, passes, vocab)[:, i].copy_(part)
+                else:
+                    hidden = torch.stack(parts, dim=1).view(passes * rows, -1).to(compute_dtype)
+                    if bias is None:
+                        torch.mm(hidden, weight.t(), out=logits)
+                    else:
+                        torch.addmm(bias, hidden, weight.t(), out=logits)
+                if on_full_logits is not None:
+                    on_full_logits(start, end, logits.view(rows, passes, vocab)[:, 0])
+                for block in range(0, rows, block_rows):
+                    block_end = min(block + block_rows, rows)
+                    logits_block = logits[passes * block:passes * block_end]
+                    ce, div = block_grads(
+                        logits_block, logits_block, two_pass, targets[start + block:start + block_end],
+                        div_rows[start + block:start + block_end], spec, detach_full, ce_coef / norm,
+                        div_scale / norm, work)
+                    sums[:passes] += ce
+                    if div is not None:
+                        sums[2] += div
+                grad = logits  # the logits' gradient, in the products' dtype
+                if head_weight is None:  # rows are the logits themselves
+                    for i in range(passes):
+                        if needs[i]:
+                            grads[i][start:end] = grad.view(rows, passes, vocab)[:, i]
+                    continue
+                if needs[3]:
+                    grads[3] += grad.sum(0, dtype=torch.float32)
+                _hidden_grads(grad, weight, rows, passes, needs, grads, start, end)
+                if needs[2]:
+                    if write_weight_grad and start == 0:
+                        torch.mm(grad.t(), hidden, out=grads[2])
+                    elif compute_dtype == torch.float32:
+                        grads[2].addmm_(grad.t(), hidden)
+                    else:  # no mixed-dtype addmm_: the low-precision product, added in fp32
+                        grads[2] += grad.t() @ hidden
         total = ce_coef * (sums[0] + sums[1]) + div_scale * sums[2] if two_pass else ce_coef * sums[0]
-        # Keep the gradients in the inputs' dtypes (no fp32 copy of the output layer), except fp16,
-        # whose range cannot hold them before backward multiplies in the grad scaler's factor.
-        grads = [None if g is None else g.mul_(norm).to(torch.float32 if t.dtype == torch.float16 else t.dtype)
-                 for g, t in zip(grads, inputs)]
-        ctx.save_for_backward(*[g if g is not None else torch.empty(0) for g in grads])
-        ctx.has_grad = needs
+        # Gradients kept in fp32 are scaled by ``norm`` in backward, in the same pass as its factor.
+        # The others go to the inputs' dtypes now (no fp32 copy of a bf16 output layer); fp16 stays
+        # fp32, as its range cannot hold them before backward multiplies in the grad scaler's factor.
+        ctx.grads, ctx.pending_scale = [], []
+        for g, t in zip(grads, inputs):
+            if g is not None and t.dtype not in (torch.float32, torch.float16):
+                g = g.mul_(norm).to(t.dtype)
+            ctx.grads.append(g)
+            ctx.pending_scale.append(1.0 if g is None or g.dtype != torch.float32 else norm)
         ctx.input_dtypes = [None if t is None else t.dtype for t in inputs]
         sums = sums.unbind()
         ctx.mark_non_differentiable(*sums)
         return (total, *sums)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_total, *_grad_sums):
-        grads = [(g * grad_total.to(g.dtype)).to(dtype) if has else None
-                 for g, has, dtype in zip(ctx.saved_tensors, ctx.has_grad, ctx.input_dtypes)]
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("the ReMask loss stores its gradients for one backward pass; "
+                               "recompute the loss instead of backpropagating through it twice")
+        # Scaled in place: no second copy of the output layer's gradient.
+        grads = [None if g is None else g.mul_((grad_total * scale).to(g.dtype)).to(dtype)
+                 for g, scale, dtype in zip(grads, ctx.pending_scale, ctx.input_dtypes)]
         return (*grads, None, None, None, None, None, None, None, None)
 
 
-def _chunk_rows_for(vocab_size: int, device: torch.device) -> int:
-    # Bigger chunks on GPUs: fewer kernel launches and wider matmuls; a few fp32 buffers of this size.
-    elements = _CHUNK_ELEMENTS * (4 if device.type == "cuda" else 1)
-    return max(1, elements // max(1, vocab_size))
+def _hidden_grads(grad, weight, rows, passes, needs, grads, start, end) -> None:
+    """Gradients of the hidden rows: one product over the interleaved passes when all need one."""
+    wanted = [i for i in range(passes) if needs[i]]
+    if len(wanted) == passes:
+        product = (grad @ weight).view(rows, passes, -1)
+        for i in wanted:
+            grads[i][start:end] = product[:, i]
+    else:
+        for i in wanted:
+            grads[i][start:end] = grad.view(rows, passes, -1)[:, i] @ weight
+
+
+def _balanced_rows(n_rows: int, max_rows: int) -> int:
+    """Rows per piece when ``n_rows`` are split into as few pieces of at most ``max_rows`` as possible, evenly."""
+    pieces = max(1, math.ceil(n_rows / max(1, max_rows)))
+    return max(1, math.ceil(n_rows / pieces))
+
+
+def _chunk_rows_for(vocab_size: int, n_rows: int, device: torch.device, passes: int) -> int:
+    """Rows per pass in a chunk: the (passes * rows x V) logits buffer holds at most about _CHUNK_ELEMENTS."""
+    elements = _CHUNK_ELEMENTS * (2 if device.type == "cuda" else 1)
+    return _balanced_rows(n_rows, elements // max(1, passes * vocab_size))
+
+
+def _block_rows_for(vocab_size: int, n_rows: int, device: torch.device, passes: int) -> int:
+    """Rows per pass in an elementwise block (about _BLOCK_ELEMENTS; on GPUs a whole chunk)."""
+    elements = _BLOCK_ELEMENTS * (16 if device.type == "cuda" else 1)
+    return _balanced_rows(n_rows, elements // max(1, passes * vocab_size))
 
 
 def predicted_positions(labels: torch.Tensor, divergence_mask: torch.Tensor | None):
@@ -338,11 +435,13 @@ def remask_loss_from_rows(
     Returns ``(total, sums)``: the differentiable scaled total
     ``ce_scale * 0.5 * (ce_full + ce_masked) + div_scale * divergence_weight * divergence``
     (``ce_scale * ce_full`` without a masked pass) and the detached, unscaled ``LossSums``.
-    ``on_full_logits(start, end, logits)`` receives each chunk's full-pass logits (for metrics).
+    ``on_full_logits(start, end, logits)`` receives each chunk's full-pass logits (for metrics) in
+    the products' dtype; the view is reused for the gradient afterwards, so copy what you keep.
     """
     spec = _spec(divergence)
     vocab = head_weight.shape[0] if head_weight is not None else rows_full.shape[-1]
-    chunk = chunk_rows or _chunk_rows_for(vocab, rows_full.device)
+    passes = 1 if rows_masked is None else 2
+    chunk = chunk_rows or _chunk_rows_for(vocab, rows_full.shape[0], rows_full.device, passes)
     total, *sums = _ChunkedRemaskLoss.apply(
         rows_full, rows_masked, head_weight, head_bias, targets, div_rows,
         float(ce_scale), float(div_scale) * float(divergence_weight), spec, detach_full, chunk, on_full_logits)

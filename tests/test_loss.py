@@ -276,3 +276,72 @@ def test_old_signature_shim_returns_the_same_loss():
                                                     output_bias=head.bias, **common)
     assert old_total.item() == new_total.item()
     assert old_sums.tolist() == [s.item() for s in new_sums]
+
+
+def test_under_autocast_the_head_runs_in_bf16_with_fp32_sums_and_accumulators():
+    """Autocast's dtype drives the products; sums and the output layer's gradient stay fp32."""
+    hidden_full, hidden_masked, head, labels, divergence_mask = _hidden_case(seed=12, hidden=16, vocab=61)
+    b, t, targets, div_rows = predicted_positions(labels, divergence_mask)
+    seen_dtypes = []
+
+    def run(autocast):
+        rows = [hidden_full[b, t].clone().requires_grad_(), hidden_masked[b, t].clone().requires_grad_()]
+        for p in head.parameters():
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            total, sums = remask_loss_from_rows(
+                *rows, targets, div_rows, divergence_weight=0.5, divergence="sym_kl", detach_full=False,
+                ce_scale=0.1, div_scale=0.1, head_weight=head.weight, head_bias=head.bias, chunk_rows=4,
+                on_full_logits=lambda start, end, logits: seen_dtypes.append(logits.dtype))
+        total.backward()
+        return total, sums, [r.grad for r in rows] + [head.weight.grad.clone(), head.bias.grad.clone()]
+
+    low_total, low_sums, low_grads = run(autocast=True)
+    assert set(seen_dtypes) == {torch.bfloat16}
+    assert low_total.dtype == torch.float32 and all(s.dtype == torch.float32 for s in low_sums)
+    assert head.weight.grad.dtype == torch.float32
+    seen_dtypes.clear()
+    total, _, grads = run(autocast=False)
+    assert set(seen_dtypes) == {torch.float32}
+    assert low_total.item() == pytest.approx(total.item(), rel=2e-2)
+    for low, full in zip(low_grads, grads):
+        torch.testing.assert_close(low, full, atol=2e-2, rtol=5e-2)
+
+
+def test_a_second_backward_through_the_same_loss_is_a_clear_error():
+    logits_full, logits_masked, labels = make_case(seed=13)
+    logits_full.requires_grad_()
+    out = remask_loss(logits_full, logits_masked, labels)
+    out["total"].backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        out["total"].backward()
+
+
+@pytest.mark.parametrize("kind", DIVERGENCES)
+@pytest.mark.parametrize("detach_full", [False, True])
+@pytest.mark.parametrize("block_elements", [1, 3 * 2 * 29])
+def test_chunks_and_cache_blocks_of_any_size_give_the_reference(kind, detach_full, block_elements, monkeypatch):
+    """Hidden rows through a biased head, split in chunks of 3 rows and elementwise blocks of 1 or 3 rows."""
+    import composer_remask.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "_BLOCK_ELEMENTS", block_elements)
+    hidden_full, hidden_masked, head, labels, divergence_mask = _hidden_case(seed=14)
+    b, t, targets, div_rows = predicted_positions(labels, divergence_mask)
+    n_ce, n_div = int((targets != -100).sum()), int(div_rows.sum())
+    ours = [hidden_full[b, t].requires_grad_(), hidden_masked[b, t].requires_grad_()]
+    total, sums = remask_loss_from_rows(
+        *ours, targets, div_rows, divergence_weight=0.7, divergence=kind, detach_full=detach_full,
+        ce_scale=1 / n_ce, div_scale=1 / n_div, head_weight=head.weight, head_bias=head.bias, chunk_rows=3)
+    total.backward()
+    mine = [p.grad for p in ours] + [head.weight.grad, head.bias.grad]
+
+    ref_rows = [hidden_full.double().requires_grad_(), hidden_masked.double().requires_grad_()]
+    ref_head = [head.weight.detach().double().requires_grad_(), head.bias.detach().double().requires_grad_()]
+    logits = [torch.nn.functional.linear(r, *ref_head) for r in ref_rows]
+    ref = reference_loss(*logits, labels, 0.7, kind, divergence_mask, detach_full)
+    ref["total"].backward()
+    assert total.item() == pytest.approx(ref["total"].item(), rel=1e-5)
+    assert (sums.divergence / n_div).item() == pytest.approx(ref["divergence"].item(), rel=1e-5, abs=1e-7)
+    theirs = [ref_rows[0].grad[b, t], ref_rows[1].grad[b, t], ref_head[0].grad, ref_head[1].grad]
+    for m, r in zip(mine, theirs):
+        torch.testing.assert_close(m.double(), r, atol=1e-6, rtol=1e-5)
