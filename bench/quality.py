@@ -558,6 +558,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     epochs.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the regime's)")
     epochs.add_argument("--n-val", type=int, help="validation problems")
     epochs.add_argument("--label", default="", help="a line printed at the top of the results (e.g. 'PILOT ...')")
+    epochs.add_argument("--collect", nargs="+", metavar="RUN_DIR",
+                        help="rebuild the report from finished run folders (<cell>-s<seed>) instead of running")
     args = parser.parse_args(argv)
     if args.regime == "epochs" or args.base != "tiny":
         return _main_epochs(args, parser, argv)
@@ -681,10 +683,13 @@ def _main_epochs(args: argparse.Namespace, parser: argparse.ArgumentParser, argv
         results = json.loads((results_dir / "quality_epochs.json").read_text())
         print(sweep.report(results, results_dir))
         return 0
-    jobs = args.jobs or (2 if args.device == "cpu" else 3)
-    threads = args.threads if args.device == "cpu" else max(args.threads, 4)
     command = "python bench/quality.py" + "".join(f" {shlex.quote(a)}" for a in
                                                   (argv if argv is not None else sys.argv[1:]))
+    if args.collect:
+        return sweep.collect(regime, [Path(d) for d in args.collect], results_dir=results_dir, device=args.device,
+                             command=command, label=args.label)
+    jobs = args.jobs or (2 if args.device == "cpu" else 3)
+    threads = args.threads if args.device == "cpu" else max(args.threads, 4)
     return sweep.run(regime, out=out, results_dir=results_dir, device=args.device, jobs=jobs, threads=threads,
                      fresh=args.fresh, command=command, label=args.label)
 

@@ -240,13 +240,19 @@ def val_chosen(evaluations: Sequence[Mapping[str, Any]], metric: str = "accuracy
     return max(trained, key=lambda e: (e["val"][metric], -e["epoch"]))
 
 
-def build_record(cell: Cell, seed: int, run_dir: Path, metric: str, seconds: float, command: str) -> dict[str, Any]:
-    """One run's record from its ``epochs.jsonl`` and Composer log (``metric``: see ``Regime.metric``)."""
+def build_record(cell: Cell, seed: int, run_dir: Path, metric: str, seconds: float, command: str,
+                 by_length_metric: str | None = None) -> dict[str, Any]:
+    """One run's record from its ``epochs.jsonl`` and Composer log (``metric``: see ``Regime.metric``).
+
+    Accuracy by chain length uses ``by_length_metric`` (default: ``metric`` where the evaluation
+    recorded it, else strict).
+    """
     q = _quality()
     evaluations = read_epochs(run_dir / "epochs.jsonl")
     curves = q.read_curves(run_dir / "train_log.txt")
     final, chosen = evaluations[-1], val_chosen(evaluations, metric)
-    by_length = f"{metric}_by_length" if f"{metric}_by_length" in final["test"] else "accuracy_by_length"
+    wanted = by_length_metric or metric
+    by_length = f"{wanted}_by_length" if f"{wanted}_by_length" in final["test"] else "accuracy_by_length"
     keys = ("accuracy", "accuracy_flexible", "accuracy_by_length", "accuracy_flexible_by_length",
             "step_acc_teacher_forced", "predicted_by_length")
     return {
@@ -401,7 +407,8 @@ def write_markdown(results: Mapping[str, Any], path: Path) -> str:
         "",
         *curve,
         "",
-        "## Exposure bias: test accuracy by chain length, last epoch",
+        f"## Exposure bias: test accuracy by chain length, last epoch "
+        f"({results['runs'][0].get('by_length_metric', 'accuracy').replace('accuracy_flexible', 'flexible').replace('accuracy', 'strict')})",
         "",
         "Free-running accuracy (the model conditions on its own earlier steps) next to teacher-forced step "
         "accuracy to the power L (what independent per-step errors at the gold-prefix rate would give). "
@@ -482,6 +489,35 @@ def report(results: Mapping[str, Any], results_dir: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------- main
+
+def collect(regime: Regime, run_dirs: Sequence[Path], *, results_dir: Path, device: str, command: str,
+            label: str = "") -> int:
+    """Rebuild the report from finished run folders (``<cell>-s<seed>``, e.g. from several machines)."""
+    parsed = []
+    for run_dir in run_dirs:
+        cell_name, _, seed = run_dir.name.rpartition("-s")
+        if cell_name not in CELLS or not seed.isdigit() or not (run_dir / "epochs.jsonl").is_file():
+            raise ValueError(f"{run_dir}: not a finished run folder <cell>-s<seed> with epochs.jsonl")
+        old = json.loads((run_dir / "record.json").read_text()) if (run_dir / "record.json").is_file() else {}
+        parsed.append((CELLS[cell_name], int(seed), run_dir, old))
+    # One chain-length metric for all runs: the regime's where every run recorded it, else strict.
+    wanted = f"{regime.metric}_by_length"
+    common = regime.metric if all(wanted in read_epochs(d / "epochs.jsonl")[-1]["test"] for _, _, d, _ in parsed) \
+        else "accuracy"
+    records = [build_record(cell, seed, d, regime.metric, old.get("train_seconds", 0.0), old.get("train_command", ""),
+                            by_length_metric=common) for cell, seed, d, old in parsed]
+    settings = {"schema": SCHEMA, "regime": "epochs", "mode": regime.name, "label": label, "command": command,
+                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(regime).items()
+                   if k != "name"},
+                "cells": sorted({r["cell"] for r in records}, key=list(CELLS).index),
+                "seeds": sorted({r["seed"] for r in records}), "recipe": RECIPE, "device": device, "jobs": 1,
+                "threads": 1, "wall_seconds": sum(r["train_seconds"] for r in records),
+                "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "collected_from": [str(d) for d in run_dirs]}
+    results = {"settings": settings, "summary": summarize(records), "base": {}, "runs": records}
+    results["best_on_val"] = best_cell(results["summary"])
+    print(report(results, results_dir))
+    return 0
+
 
 def run(regime: Regime, *, out: Path, results_dir: Path, device: str, jobs: int, threads: int, fresh: bool,
         command: str, label: str = "") -> int:
