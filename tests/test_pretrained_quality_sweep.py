@@ -135,3 +135,30 @@ def test_regimes_have_enough_seeds_and_known_cells(name: str) -> None:
     regime = sweep.REGIMES[name]
     assert set(regime.cells) <= set(sweep.CELLS)
     assert name == "quick" or len(regime.seeds) >= 3
+
+
+def test_collect_rebuilds_the_report_from_run_folders(tmp_path: Path) -> None:
+    def evaluation(epoch: int, acc: float, flexible: float, with_flexible_by_length: bool) -> dict:
+        split = {"accuracy": acc, "accuracy_flexible": flexible, "accuracy_by_length": {"2": acc},
+                 "step_acc_teacher_forced": 0.5, "predicted_by_length": {"2": 0.25}, "examples": []}
+        if with_flexible_by_length:
+            split["accuracy_flexible_by_length"] = {"2": flexible}
+        return {"epoch": epoch, "val": split, "test": split}
+
+    folders = []
+    for name, flexible_by_length in (("sft-s0", False), ("remask-p0.4-w0.1-s0", True)):
+        run_dir = tmp_path / "runs" / name
+        run_dir.mkdir(parents=True)
+        (run_dir / "epochs.jsonl").write_text("\n".join(json.dumps(evaluation(ep, 0.0, 0.1 * ep, flexible_by_length))
+                                                        for ep in range(3)) + "\n")
+        (run_dir / "train_log.txt").write_text("[metric][batch=0]: loss/train/ce_full: 1.5\n")
+        (run_dir / "record.json").write_text(json.dumps({"train_seconds": 12.0, "train_command": "train.py ..."}))
+        folders.append(run_dir)
+    regime = sweep.REGIMES["smollm2-135m"]
+    assert sweep.collect(regime, folders, results_dir=tmp_path / "out", device="cpu", command="collect", label="PILOT") == 0
+    results = json.loads((tmp_path / "out" / "quality_epochs.json").read_text())
+    assert [r["cell"] for r in results["runs"]] == ["sft", "remask-p0.4-w0.1"]
+    assert all(r["metric"] == "accuracy_flexible" and r["test_final"] == pytest.approx(0.2) for r in results["runs"])
+    assert {r["by_length_metric"] for r in results["runs"]} == {"accuracy"}   # one metric for every run
+    with pytest.raises(ValueError, match="not a finished run folder"):
+        sweep.collect(regime, [tmp_path / "runs"], results_dir=tmp_path / "bad", device="cpu", command="x")
