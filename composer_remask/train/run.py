@@ -84,40 +84,46 @@ def build_trainer(cfg: TrainConfig) -> tuple[Trainer, RunReport]:
     optimizer = build_optimizer(cfg, model, use_fsdp=parallelism_config is not None)
     report = RunReport(cfg.console_log_interval)
 
-    trainer = Trainer(
-        model=model,
-        train_dataloader=train_loader,
-        eval_dataloader=eval_loader,
-        eval_interval=cfg.eval_interval if eval_loader is not None else 1,
-        eval_subset_num_batches=cfg.eval_subset_num_batches if eval_loader is not None else -1,
-        max_duration=cfg.max_duration,
-        optimizers=optimizer,
-        schedulers=build_scheduler(cfg),
-        algorithms=build_algorithms(cfg),
-        callbacks=[*build_callbacks(cfg), report, NonFiniteLossGuard()],
-        loggers=build_loggers(cfg),
-        run_name=cfg.run_name,
-        # A progress bar redraws its line; in a log file every redraw becomes a line of its own.
-        # Off the terminal the report's lines (every console_log_interval) say the same once.
-        progress_bar=cfg.progress_bar and sys.stderr.isatty(),
-        log_to_console=cfg.log_to_console,
-        console_log_interval=cfg.console_log_interval,
-        python_log_level=cfg.python_log_level,
-        save_folder=cfg.save_folder,
-        save_interval=cfg.save_interval,
-        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
-        save_overwrite=cfg.save_overwrite,
-        save_weights_only=cfg.save_weights_only,
-        autoresume=cfg.autoresume,
-        load_path=cfg.load_path,
-        load_weights_only=cfg.load_weights_only,
-        parallelism_config=parallelism_config,
-        precision=cfg.precision,
-        device_train_microbatch_size=sizes.device_train_microbatch_size,
-        accumulate_train_batch_on_tokens=cfg.accumulate_train_batch_on_tokens,
-        seed=cfg.seed,
-        dist_timeout=cfg.dist_timeout,
-    )
+    try:
+        trainer = Trainer(
+            model=model,
+            train_dataloader=train_loader,
+            eval_dataloader=eval_loader,
+            eval_interval=cfg.eval_interval if eval_loader is not None else 1,
+            eval_subset_num_batches=cfg.eval_subset_num_batches if eval_loader is not None else -1,
+            max_duration=cfg.max_duration,
+            optimizers=optimizer,
+            schedulers=build_scheduler(cfg),
+            algorithms=build_algorithms(cfg),
+            callbacks=[*build_callbacks(cfg), report, NonFiniteLossGuard()],
+            loggers=build_loggers(cfg),
+            run_name=cfg.run_name,
+            # A progress bar redraws its line; in a log file every redraw becomes a line of its own.
+            # Off the terminal the report's lines (every console_log_interval) say the same once.
+            progress_bar=cfg.progress_bar and sys.stderr.isatty(),
+            log_to_console=cfg.log_to_console,
+            console_log_interval=cfg.console_log_interval,
+            python_log_level=cfg.python_log_level,
+            save_folder=cfg.save_folder,
+            save_interval=cfg.save_interval,
+            save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+            save_overwrite=cfg.save_overwrite,
+            save_weights_only=cfg.save_weights_only,
+            autoresume=cfg.autoresume,
+            load_path=cfg.load_path,
+            load_weights_only=cfg.load_weights_only,
+            parallelism_config=parallelism_config,
+            precision=cfg.precision,
+            device_train_microbatch_size=sizes.device_train_microbatch_size,
+            accumulate_train_batch_on_tokens=cfg.accumulate_train_batch_on_tokens,
+            seed=cfg.seed,
+            dist_timeout=cfg.dist_timeout,
+        )
+    except CheckpointError as error:  # Composer loads from a temporary copy: name the user's file too
+        source = f"load_path {cfg.load_path!r}" if cfg.load_path else "the autoresume checkpoint"
+        if cfg.autoresume and cfg.save_folder:
+            source += f" (or the latest checkpoint in {cfg.save_folder!r})"
+        raise type(error)(f"{cfg.source}: loading {source}: {error}") from error
     return trainer, report
 
 

@@ -117,3 +117,13 @@ def test_a_corpus_without_manifest_is_not_compared(sample_corpus, tmp_path, caps
                  "~eval_loader"]
     assert run_module.main([str(TINY_RECIPE), *overrides]) == 2
     assert built == ["data"]
+
+
+@pytest.mark.parametrize("recipe", sorted((TINY_RECIPE.parent).glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_pass_the_construction_checks(recipe, monkeypatch):
+    from composer_remask.train.run import import_code_paths
+
+    monkeypatch.chdir(TINY_RECIPE.parents[1])
+    cfg = load_config(recipe)
+    import_code_paths(cfg.code_paths or [])
+    validate_recipe(cfg, cuda_available=True)
