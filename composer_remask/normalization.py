@@ -45,7 +45,7 @@ class GlobalCounts:
         from composer.utils import dist
 
         if dist.get_world_size() > 1:
-            reduced = local if device is None else device.tensor_to_device(local)
+            reduced = local.clone() if device is None else device.tensor_to_device(local.clone())
             dist.all_reduce(reduced, reduce_operation="SUM")
             local = reduced.cpu()
         return cls(*(float(x) for x in local[:5]))

@@ -98,3 +98,14 @@ def test_probe_learns_nothing_from_a_scaled_copy_or_a_zero_loss():
     assert probe.applied_weight() is None and not probe.confirmed
     probe.arm(torch.tensor(0.0), 0.5)
     assert probe.applied_weight() is None and not probe.confirmed
+
+
+def test_gathering_leaves_the_local_counts_alone(monkeypatch):
+    from composer.utils import dist
+
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, reduce_operation: tensor.mul_(2))  # a 2-rank SUM
+    local = torch.tensor([4.0, 10.0, 12.0, 3.0, 9.0], dtype=torch.float64)
+    counts = GlobalCounts.gather(local)
+    assert counts == GlobalCounts(8.0, 20.0, 24.0, 6.0, 18.0)
+    assert local.tolist() == [4.0, 10.0, 12.0, 3.0, 9.0]  # regression: this rank's rows were overwritten

@@ -1,8 +1,9 @@
 """Train the tiny model with ReMask on a fixed global batch of 4, with 1 or 2 processes.
 
 Run as ``composer -n 2 tests/helpers/dist_train.py OUT`` or ``python tests/helpers/dist_train.py OUT``.
-With one process the samples are fed in the order the two ranks hold them (rank 0's block, then
-rank 1's), so both runs see the same global batches. Rank 0 saves weights and losses to OUT.
+With one process the samples come in their natural order; with two, DistributedSampler interleaves
+them (rank r holds samples r, r+2, ...). Both runs see the same global batches, laid out differently:
+masks keyed on content make them train identically. Rank 0 saves weights and losses to OUT.
 """
 
 from __future__ import annotations
@@ -31,12 +32,7 @@ def main(out: str) -> None:
     tokenizer = train_tiny_tokenizer(_TEXT, 400)
     data = CoTDataset(tokenizer, 12)
     world = dist.get_world_size()
-    if world == 1:  # what DistributedSampler(shuffle=False) gives 2 ranks, rank blocks concatenated
-        order = [i for k in range(0, len(data), 4) for i in (k, k + 2, k + 1, k + 3)]
-        data.examples = [data.examples[i] for i in order]
-        sampler = None
-    else:
-        sampler = dist.get_sampler(data, shuffle=False)
+    sampler = None if world == 1 else dist.get_sampler(data, shuffle=False)  # interleaved across ranks
     loader = DataLoader(data, batch_size=GLOBAL_BATCH // world, sampler=sampler, collate_fn=collate)
     model = build_model(tokenizer, seed=0)
     logger = InMemoryLogger()

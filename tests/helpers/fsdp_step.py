@@ -42,20 +42,22 @@ def one_step(wrap: bool, use_orig_params: bool):
     state = types.SimpleNamespace(
         model=model, rank_zero_seed=5, batch=collate([CoTDataset(tokenizer, 4)[i] for i in range(4)]),
         timestamp=Timestamp(), outputs=None, train_metrics=None, precision=Precision.FP32, precision_config=None,
-        device=DeviceCPU(), loss=None, max_duration=None, get_elapsed_duration=lambda: None)
+        device=DeviceCPU(), loss=None, max_duration=None, get_elapsed_duration=lambda: None, algorithms=[algo])
     algo.apply(Event.INIT, state, logger)
     if wrap:
         policy = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: isinstance(m, StableLmDecoderLayer))
         model.model = FSDP(model.model, auto_wrap_policy=policy, use_orig_params=use_orig_params,
                            sharding_strategy=ShardingStrategy.FULL_SHARD, device_id=torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    for event in (Event.AFTER_DATALOADER, Event.BEFORE_FORWARD):
+    for event in (Event.FIT_START, Event.BATCH_START, Event.BEFORE_TRAIN_BATCH, Event.BEFORE_FORWARD):
         algo.apply(event, state, logger)
     state.outputs = model(state.batch)
     algo.apply(Event.AFTER_FORWARD, state, logger)
     state.loss = model.loss(state.outputs, state.batch)
     algo.apply(Event.AFTER_LOSS, state, logger)
+    assert float(state.loss["total"]) > 1.0 and "divergence" in state.loss  # a real ReMask loss ran
     state.loss["total"].backward()
+    algo.apply(Event.AFTER_TRAIN_BATCH, state, logger)
     optimizer.step()
     if wrap:
         with FSDP.state_dict_type(model.model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
