@@ -30,7 +30,7 @@ from transformers import (
 from composer_remask.data.tokenizer import add_remask_tokens as add_remask_special_tokens
 from composer_remask.train import registry
 from composer_remask.train.config import ConfigError, TrainConfig, check_kwargs, check_type
-from composer_remask.train.model import ComposerCausalLM
+from composer_remask.train.model import ComposerCausalLM, causal_lm_on_meta
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ FSDP_CHOICES = {
     "state_dict_type": ("full", "sharded"),
 }
 FSDP_CASE_INSENSITIVE = ("sharding_strategy", "backward_prefetch")
+# model.init_device: "mixed" = each node's first rank loads the weights, the others build on meta.
+INIT_DEVICES = ("cpu", "meta", "mixed")
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -100,6 +102,10 @@ def hf_causal_lm(
     The embeddings grow (to a multiple of ``pad_vocab_to_multiple_of``) when the tokenizer with
     ReMask's special tokens is larger than the vocabulary. ``init_device='meta'`` builds the
     architecture without allocating weights (for inspecting a recipe; it cannot train).
+    ``init_device='mixed'`` (models past one GPU's memory, with FSDP): each node's first rank
+    loads (or initializes) the weights on the CPU, the other ranks build the architecture on the
+    meta device, and FSDP (``sync_module_states``, set by the builder) broadcasts rank 0's weights
+    while it shards them: one copy in CPU memory per node instead of one per GPU.
     """
     hf_config = _hf_config(pretrained_model_name_or_path, config, trust_remote_code)
     for key, value in (config_overrides or {}).items():
@@ -113,10 +119,13 @@ def hf_causal_lm(
                               "(and takes no `config`); set pretrained: false for random weights")
         if init_device == "meta":
             raise ConfigError("model: init_device 'meta' cannot load pretrained weights")
+    if init_device == "mixed" and dist.get_local_rank() != 0:
+        model = causal_lm_on_meta(hf_config, trust_remote_code=trust_remote_code, **extra)
+    elif pretrained:
         model = AutoModelForCausalLM.from_pretrained(
             pretrained_model_name_or_path, config=hf_config, trust_remote_code=trust_remote_code, **extra)
     else:
-        with torch.device(init_device):
+        with torch.device("cpu" if init_device == "mixed" else init_device):
             model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code, **extra)
     _fit_embeddings(model, tokenizer, pad_vocab_to_multiple_of)
     model.config.use_cache = False  # no KV cache while training (the export turns it back on)
@@ -141,7 +150,9 @@ def _hf_config(name_or_path: str | None, config: dict[str, Any] | None, trust_re
 def _fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, multiple: int) -> None:
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple)
+        # On meta (init_device: mixed) only the shape matters: FSDP copies rank 0's values in.
+        on_meta = model.get_input_embeddings().weight.is_meta
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple, mean_resizing=not on_meta)
         log.info("resized the embeddings from %d to %d rows for the tokenizer's %d tokens",
                  rows, model.get_input_embeddings().num_embeddings, len(tokenizer))
 
@@ -149,6 +160,11 @@ def _fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
 def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, init_device: str = "cpu") -> ComposerCausalLM:
     section = dict(cfg.model)
     builder = _lookup(registry.models, section.pop("name"), cfg.where("model.name"))
+    init_device = section.pop("init_device", init_device)
+    if init_device == "mixed" and build_parallelism_config(cfg, warn=False) is None:
+        warnings.warn("model.init_device 'mixed' needs FSDP (fsdp_config on CUDA GPUs); loading the weights "
+                      "on every rank instead", stacklevel=2)
+        init_device = "cpu"
     try:
         return builder(tokenizer, init_device, **section)
     except ConfigError as error:
@@ -293,19 +309,25 @@ def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
 
 # ------------------------------------------------------------------------------------------ FSDP
 
-def build_parallelism_config(cfg: TrainConfig, cuda_available: bool | None = None) -> dict[str, Any] | None:
+def build_parallelism_config(cfg: TrainConfig, cuda_available: bool | None = None,
+                             warn: bool = True) -> dict[str, Any] | None:
     """``fsdp_config`` -> ``Trainer(parallelism_config={'fsdp': ...})`` where FSDP can run (CUDA).
 
     FSDP (v1) needs CUDA; on a CPU machine the section is ignored with a warning, so the same
-    recipe still trains there with DDP (``composer -n 2``).
+    recipe still trains there with DDP (``composer -n 2``). With ``model.init_device: mixed``
+    ``sync_module_states`` is turned on: the ranks that built on meta get rank 0's weights.
     """
     if not cfg.fsdp_config:
         return None
     cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
     if not cuda_available:
-        warnings.warn("fsdp_config is ignored: FSDP needs CUDA GPUs; training with DDP instead", stacklevel=2)
+        if warn:
+            warnings.warn("fsdp_config is ignored: FSDP needs CUDA GPUs; training with DDP instead", stacklevel=2)
         return None
-    return {"fsdp": dict(cfg.fsdp_config)}
+    fsdp = dict(cfg.fsdp_config)
+    if cfg.model.get("init_device") == "mixed":
+        fsdp["sync_module_states"] = True
+    return {"fsdp": fsdp}
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -321,7 +343,17 @@ def validate_sections(cfg: TrainConfig, cuda_available: bool | None = None) -> N
     if model_name is None:
         raise ConfigError(f"{cfg.where('model.name')}: missing required value (e.g. hf_causal_lm)")
     check_kwargs(_lookup(registry.models, model_name, cfg.where("model.name")), model, cfg.where("model"),
-                 skip=("tokenizer", "init_device"))
+                 skip=("tokenizer",))
+    init_device = model.get("init_device", "cpu")
+    if init_device not in INIT_DEVICES:
+        raise ConfigError(f"{cfg.where('model.init_device')}: {init_device!r} is not one of {', '.join(INIT_DEVICES)}")
+    if init_device == "mixed":
+        if not cfg.fsdp_config:
+            raise ConfigError(f"{cfg.where('model.init_device')}: 'mixed' builds the weights on rank 0 only and "
+                              "needs FSDP to share them: add fsdp_config (it turns on sync_module_states)")
+        if cfg.fsdp_config.get("sync_module_states") is False:
+            raise ConfigError(f"{cfg.where('fsdp_config.sync_module_states')}: must be true with "
+                              "model.init_device 'mixed' (the other ranks get rank 0's weights that way)")
 
     name, kwargs = _name_and_kwargs(cfg.optimizer, cfg.where("optimizer"))
     check_kwargs(_lookup(registry.optimizers, name, cfg.where("optimizer.name")), kwargs, cfg.where("optimizer"),
