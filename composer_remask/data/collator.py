@@ -1,4 +1,4 @@
-"""Collator: rows of token ids and roles -> the batch contract of DESIGN §3.
+"""Collator: rows of token ids and roles -> the batch contract (docs/design.md#batch-contract).
 
 Output keys: ``input_ids`` (int64 B x T), ``attention_mask`` (int64), ``labels`` (int64, unshifted,
 = input_ids where the role is predicted, -100 elsewhere and at padding) and ``token_roles`` (int8,

@@ -1,4 +1,6 @@
-"""Prompt formats (DESIGN §4) and token roles (DESIGN §2): an example becomes (input_ids, token_roles).
+"""Prompt formats and token roles: an example becomes (input_ids, token_roles).
+
+See docs/design.md#formats and docs/design.md#token-roles.
 
 Two templates, built from the structural tags of ``batch.py`` and the tokenizer's EOS (no BOS):
 

@@ -1,4 +1,4 @@
-"""Sources: read rows from files or the hub and turn each into a validated example (DESIGN §4).
+"""Sources: read rows from files or the hub and turn each into a validated example (docs/design.md#sources).
 
 Row kinds and their fields:
 

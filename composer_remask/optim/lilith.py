@@ -1,4 +1,4 @@
-"""Lilith: the optimizer of the ReMask-3B recipe (DESIGN §2, "The recipe's optimizer: Lilith").
+"""Lilith: the optimizer of the ReMask-3B recipe (docs/design.md#lilith).
 
 Lilith (by the model card's author, published in supertrainer2000) rescales each gradient by a
 LAMB-style trust ratio, keeps two chained momenta (a momentum and a momentum of its change, the
@@ -47,7 +47,7 @@ class Lilith(Optimizer):
         ratio_min: floor on the trust ratio.
         acceleration: weight :math:`a` of :math:`m_2` in the update.
         ema_k, ema_beta: parameter EMA period (0 = off) and interpolation weight.
-        bias_correction: divide :math:`v` by :math:`1-\beta_v^t` (DESIGN §2). The published code at
+        bias_correction: divide :math:`v` by :math:`1-\beta_v^t` (docs/design.md#lilith). The published code at
             the card's time computes the corrected value but divides by the raw :math:`v`; set
             ``False`` to reproduce that exactly.
         sharded: every rank of the default process group holds a different shard of each tensor

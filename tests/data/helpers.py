@@ -34,7 +34,7 @@ def expected_cot_spans(prompt: str, rationale: str, answer: str) -> list[tuple[s
 
 
 def expected_chat_spans(exchanges: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Spans of a chat given its (user text, assistant text) exchanges, per DESIGN §2 / the issue."""
+    """Spans of a chat given its (user text, assistant text) exchanges, per docs/design.md#token-roles."""
     spans = []
     for index, (user, assistant) in enumerate(exchanges):
         opening = "<|user|>" if index == 0 else ""

@@ -110,7 +110,7 @@ def test_top_level_local_is_a_single_stream(asset_tokenizer, small_corpus, fresh
 
 
 def test_composer_trainer_with_remask_trains_on_the_built_corpus(asset_tokenizer, small_corpus, fresh_shm):
-    """Done-when of issue 3: MDS built from the fixtures feeds a Trainer with ReMask()."""
+    """MDS built from the fixtures feeds a Trainer with ReMask()."""
     from composer import Trainer
     from composer.loggers import InMemoryLogger
     from composer.models import HuggingFaceModel

@@ -1,4 +1,4 @@
-"""Hand-built batches in the batch contract (DESIGN §3), independent of the data pipeline."""
+"""Hand-built batches in the batch contract (docs/design.md#batch-contract), independent of the data pipeline."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from composer_remask.train.builders import (
 )
 from tests.train.helpers import REPO, TINY_RECIPE, TINY_TOKENIZER, tiny_overrides
 
-# StableLM-3B-4e1t's architecture (REFERENCE.md): 2,795,443,200 parameters.
+# StableLM-3B-4e1t's architecture (its model card and config.json): 2,795,443,200 parameters.
 STABLELM_3B = dict(vocab_size=50304, hidden_size=2560, intermediate_size=6912, num_hidden_layers=32,
                    num_attention_heads=32, num_key_value_heads=32, partial_rotary_factor=0.25,
                    rope_theta=10000, max_position_embeddings=4096, layer_norm_eps=1e-5,

@@ -1,4 +1,4 @@
-"""Lilith against updates worked out independently (DESIGN §2), step by step."""
+"""Lilith against updates worked out independently (docs/design.md#lilith), step by step."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_first_step_by_hand():
 
 
 def reference_lilith(theta, grads, lr, acceleration=1.0, bias_correction=True, skip_trust=False):
-    """DESIGN §2 written out with Python floats, one element list per tensor."""
+    """The update rule of docs/design.md#lilith written out with Python floats, one element list per tensor."""
     theta = list(theta)
     m1 = [0.0] * len(theta)
     m2 = [0.0] * len(theta)
