@@ -229,3 +229,39 @@ def test_seed_comes_from_the_restored_trainer_seed_when_the_checkpoint_has_no_re
                                    load_path=checkpoint)[2], "loss/train/total")
     assert resumed["default"] == resumed["seed7"]
     assert resumed["default"] != resumed["seed99"]  # the test can tell the seeds apart
+
+
+def _padded_collate(examples, width=40):
+    """Rows padded to an even fixed width: Alibi's sequence scaling halves it."""
+    fill = {"labels": -100, "token_roles": -1}
+    return {k: torch.nn.functional.pad(v, (0, width - v.shape[1]), value=fill.get(k, 0))
+            for k, v in collate(examples).items()}
+
+
+def test_alibi_reshaping_gpt2_is_exact_in_both_orders(tiny_tokenizer):
+    from composer.algorithms import Alibi
+    from composer.algorithms.alibi import apply_alibi
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return HuggingFaceModel(GPT2LMHeadModel(config), tokenizer=tiny_tokenizer, use_logits=True)
+
+    out = {}
+    for order in ("alibi_first", "remask_first"):
+        model, logger = gpt2(), InMemoryLogger()
+        algorithms = [Alibi(max_sequence_length=128, train_sequence_length_scaling=0.5), ReMask(seed=1, **NO_LABEL_RULES)]
+        loader = DataLoader(CoTDataset(tiny_tokenizer, 8), batch_size=4, collate_fn=_padded_collate)
+        Trainer(model=model, train_dataloader=loader, max_duration="2ba", device="cpu", seed=0, loggers=[logger],
+                algorithms=algorithms if order == "alibi_first" else algorithms[::-1], progress_bar=False,
+                device_train_microbatch_size=2, optimizers=torch.optim.SGD(model.parameters(), lr=0.1)).fit()
+        out[order] = (weights(model), logger)
+    assert max_weight_diff(out["alibi_first"][0], out["remask_first"][0]) == 0.0
+    reference = gpt2()
+    apply_alibi(reference.model, max_sequence_length=128)
+    batch = _padded_collate([CoTDataset(tiny_tokenizer, 8)[i] for i in range(4)])
+    seen = {k: v.reshape(8, 20) for k, v in batch.items()}  # what Alibi's scaling feeds the model
+    for _, logger in out.values():
+        assert logged(logger, "loss/train/ce_full")[0] == pytest.approx(hf_loss(reference, seen), abs=1e-5)
