@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from composer.core import Algorithm, Event, State, TimeUnit
+from composer.core import Algorithm, Event, State
 from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist
@@ -48,14 +48,9 @@ from composer_remask.normalization import (
     microbatch_scales,
 )
 from composer_remask.prepared_batch import check_batch, forward_batch, microbatch_problem, prepare_batch
+from composer_remask.runtime import run_length_in_batches, unwrap_ddp
 
 log = logging.getLogger(__name__)
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        model = model.module
-    return model
-
 
 def _check_finite_in(name: str, value: float, low: float, high: float | None = None) -> float:
     value = float(value)
@@ -203,7 +198,7 @@ class ReMask(Algorithm):
 
     def _init(self, state: State) -> None:
         self._reset()
-        model = _unwrap(state.model)
+        model = unwrap_ddp(state.model)
         self._composer_model = model
         hf_model = getattr(model, "model", None)
         self._vocabulary = MaskVocabulary.from_model(hf_model, getattr(model, "tokenizer", None), self.mask_strategy,
@@ -236,10 +231,9 @@ class ReMask(Algorithm):
         """``mask_prob``, ramped linearly over the first ``mask_prob_warmup`` of training."""
         if self.mask_prob_warmup <= 0:
             return self.mask_prob
-        max_duration = state.max_duration
-        if max_duration is not None and max_duration.unit == TimeUnit.EPOCH and state.dataloader_len is not None:
-            # Epoch durations advance once per epoch; count batches so the ramp is linear.
-            total = int(state.dataloader_len) * int(max_duration.value)
+        total = run_length_in_batches(state)
+        if total is not None:
+            # Counted in batches: epoch durations advance once per epoch, and the ramp must be linear.
             elapsed = int(state.timestamp.batch) / total if total > 0 else 1.0
         else:
             fraction = state.get_elapsed_duration()

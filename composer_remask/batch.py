@@ -42,6 +42,12 @@ ROW_COUNTS_KEY = "remask_row_counts"  # (B, 2): each row's CE and divergence tok
 PREPARED_KEYS = (DIVERGENCE_MASK_KEY, MASKED_INPUT_IDS_KEY, SAMPLE_KEYS_KEY, ROW_COUNTS_KEY)
 
 
+def tokenizer_pad_id(tokenizer) -> int | None:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS (pads are never attended nor
+    predicted, so the id only has to exist); ``None`` when it has neither."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def num_loss_tokens(labels: torch.Tensor) -> int:
     """Positions that generate a loss once labels are shifted (labels[:, 1:] != -100)."""
     return int((labels[..., 1:] != IGNORE_INDEX).sum().item())

@@ -23,6 +23,8 @@ import torch
 from composer.utils import dist
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
+from composer_remask.runtime import unwrap_ddp
+
 log = logging.getLogger(__name__)
 
 __all__ = ["export_checkpoint", "export_model", "find_checkpoint", "main", "save_hf_folder"]
@@ -74,8 +76,7 @@ def export_model(composer_model: torch.nn.Module, out_dir: str | Path, dtype: st
     from composer.checkpoint import get_model_state_dict
 
     state_dict = get_model_state_dict(composer_model, sharded_state_dict=False)
-    inner = composer_model.module if isinstance(composer_model, torch.nn.parallel.DistributedDataParallel) \
-        else composer_model
+    inner = unwrap_ddp(composer_model)
     path = None
     if dist.get_global_rank() == 0:
         path = save_hf_folder(inner.config, _hf_weights(state_dict), out_dir, getattr(inner, "tokenizer", None),

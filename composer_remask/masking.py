@@ -25,6 +25,7 @@ from composer_remask.batch import (
     ROLE_PAD,
     ROLE_RATIONALE,
     ROLE_RESPONSE,
+    tokenizer_pad_id,
 )
 
 MASK_STRATEGIES = ("mask_token", "random", "pad")
@@ -181,7 +182,7 @@ class MaskVocabulary:
         pad_id = None
         if tokenizer is not None:
             special = {int(i) for i in tokenizer.all_special_ids}
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            pad_id = tokenizer_pad_id(tokenizer)
         if strategy == "mask_token" and replaces:
             mask_token_id = _resolve_mask_token(tokenizer, mask_token_id, rows)
         if mask_token_id is not None:

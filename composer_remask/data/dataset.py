@@ -42,7 +42,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from composer_remask.batch import batch_loss_tokens
+from composer_remask.batch import batch_loss_tokens, tokenizer_pad_id
 from composer_remask.data.collator import RemaskCollator
 from composer_remask.data.writer import finite_number
 
@@ -273,10 +273,10 @@ def build_dataloader(loader_cfg: Mapping[str, Any], tokenizer: PreTrainedTokeniz
     from torch.utils.data import DataLoader
 
     config = _loader_config(loader_cfg)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_token_id is None:
+    pad_id = tokenizer_pad_id(tokenizer)
+    if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")
-    collator = RemaskCollator(pad_token_id, max_seq_len=config["max_seq_len"], pad_to=config["pad_to"])
+    collator = RemaskCollator(pad_id, max_seq_len=config["max_seq_len"], pad_to=config["pad_to"])
     dataset = build_streaming_dataset(config, device_batch_size)
     dataloader = DataLoader(
         dataset, batch_size=device_batch_size, collate_fn=collator, num_workers=config["num_workers"],

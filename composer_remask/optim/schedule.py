@@ -12,6 +12,8 @@ import math
 
 from composer.core import State, TimeUnit
 
+from composer_remask.runtime import run_length_in_batches
+
 __all__ = ["OneCycleCosineScheduler"]
 
 
@@ -66,14 +68,13 @@ class OneCycleCosineScheduler:
 
 
 def _run_length_in_batches(state: State) -> float:
+    total = run_length_in_batches(state)
+    if total is not None:
+        return float(total)
     max_duration = state.max_duration
     if max_duration is None:
         raise RuntimeError("one_cycle_cosine needs the trainer's max_duration")
-    if max_duration.unit == TimeUnit.BATCH:
-        return float(max_duration.value)
     if max_duration.unit == TimeUnit.EPOCH:
-        if state.dataloader_len is None:
-            raise RuntimeError("one_cycle_cosine with max_duration in epochs needs a dataloader with a length")
-        return float(max_duration.value * int(state.dataloader_len))
+        raise RuntimeError("one_cycle_cosine with max_duration in epochs needs a dataloader with a length")
     raise ValueError(
         f"one_cycle_cosine needs max_duration in batches ('ba') or epochs ('ep'), got {max_duration}")

@@ -14,6 +14,8 @@ from composer.loggers import Logger
 from composer.utils import dist
 from tqdm import tqdm
 
+from composer_remask.runtime import run_length_in_batches
+
 __all__ = ["RunReport", "RunSummary"]
 
 LOSS_PREFIX = "loss/train/"
@@ -43,7 +45,7 @@ class RunReport(Callback):
 
     def fit_start(self, state: State, logger: Logger) -> None:
         self.started = time.monotonic()
-        self.total_batches = _total_batches(state)
+        self.total_batches = run_length_in_batches(state)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         losses = {key[len(LOSS_PREFIX):]: float(value) for key, value in (state.total_loss_dict or {}).items()
@@ -88,17 +90,6 @@ def format_losses(losses: dict[str, float]) -> str:
     terms = ", ".join(f"{key} {value:.4f}" for key, value in losses.items() if key != "total")
     text = f"loss {total:.4f}" if total is not None else ""
     return f"{text} ({terms})" if terms and text else (text or terms)
-
-
-def _total_batches(state: State) -> int | None:
-    duration = state.max_duration
-    if duration is None:
-        return None
-    if duration.unit == TimeUnit.BATCH:
-        return int(duration.value)
-    if duration.unit == TimeUnit.EPOCH and state.dataloader_len is not None:
-        return int(duration.value) * int(state.dataloader_len)
-    return None
 
 
 @dataclasses.dataclass
