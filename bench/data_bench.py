@@ -36,7 +36,8 @@ from composer_remask.data.fixtures import (  # noqa: E402
 )
 from composer_remask.data.formats import example_segments, render_text  # noqa: E402
 from composer_remask.data.sources import SourceSpec, open_records, parse_record  # noqa: E402
-from composer_remask.data.writer import build_corpus, load_tokenizer  # noqa: E402
+from composer_remask.data.tokenizer import load_tokenizer  # noqa: E402
+from composer_remask.data.writer import build_corpus  # noqa: E402
 
 
 def rendered_texts(specs: list[SourceSpec], eos_token: str) -> list[str]:

@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from composer_remask.data.tokenizer import add_remask_tokens
+from composer_remask.data.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
     from composer.core import DataSpec
@@ -76,10 +76,9 @@ def load_remask_tokenizer(pretrained_model_name_or_path: str, **kwargs: Any) -> 
 
     ``model_max_length`` is honoured as given (like llm-foundry does for hub tokenizers).
     """
-    tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+    tokenizer = load_tokenizer(pretrained_model_name_or_path, kwargs)
     if "model_max_length" in kwargs:
         tokenizer.model_max_length = int(kwargs["model_max_length"])
-    add_remask_tokens(tokenizer)
     return tokenizer
 
 

@@ -1,4 +1,4 @@
-"""Tokenizers: add ReMask's special tokens to any HF tokenizer, and train a tiny one offline.
+"""Tokenizers: load one with ReMask's special tokens, add them to any HF tokenizer, train a tiny one offline.
 
 Real recipes load a hub tokenizer (GPT-NeoX for StableLM). Tests and the CPU demo cannot download
 anything, so they use a small byte-level BPE trained here on local text with `tokenizers`.
@@ -6,7 +6,8 @@ anything, so they use a small byte-level BPE trained here on local text with `to
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -31,6 +32,28 @@ def add_remask_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return added
+
+
+_add_special_tokens = add_remask_tokens  # shadowed inside load_tokenizer by its argument of the same name
+
+
+def load_tokenizer(name: str, kwargs: Mapping[str, Any] | None = None,
+                   add_remask_tokens: bool = True) -> PreTrainedTokenizerBase:
+    """A Hugging Face tokenizer by hub name or local path, with ReMask's special tokens added.
+
+    The one loader behind the corpus build, the training recipe's ``tokenizer:`` section and the
+    llm-foundry glue. ``kwargs`` go to ``AutoTokenizer.from_pretrained`` (a fast tokenizer unless
+    they say ``use_fast: false``). ``add_remask_tokens`` (default true) adds ``<|mask|>`` and the
+    structural tags next to the tokenizer's own special tokens; the model's embeddings grow to fit.
+    ``false`` keeps the tokenizer as it ships (``mask_strategy: random`` or ``pad`` need no mask
+    token). A relative path is read from the working directory.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name, **dict(kwargs or {}))
+    if add_remask_tokens:
+        _add_special_tokens(tokenizer)
+    return tokenizer
 
 
 def train_tiny_tokenizer(

@@ -139,19 +139,6 @@ def _join_remote(remote: str, name: str) -> str:
     return f"{remote.rstrip('/')}/{name}" if urlparse(remote).scheme else os.path.join(remote, name)
 
 
-def load_tokenizer(name_or_dir: str) -> PreTrainedTokenizerBase:
-    """A fast tokenizer by hub name or folder, with ReMask's special tokens added."""
-    from transformers import AutoTokenizer
-
-    from composer_remask.data.tokenizer import add_remask_tokens
-
-    tokenizer = AutoTokenizer.from_pretrained(name_or_dir, use_fast=True)
-    if not tokenizer.is_fast:
-        raise ValueError(f"{name_or_dir}: no fast tokenizer available")
-    add_remask_tokens(tokenizer)
-    return tokenizer
-
-
 def vocabulary_hash(tokenizer: PreTrainedTokenizerBase) -> str:
     """sha256 of the token -> id map (added tokens included): same hash, same ids."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
@@ -216,9 +203,9 @@ def build_corpus(
     """Build the corpus (see module docstring) and return the manifest.
 
     ``tokenizer`` is a loaded fast tokenizer that already has ReMask's tags, or a name/folder
-    (loaded with ``load_tokenizer``). ``limits`` keeps N rows of a source, drawn with ``seed`` among
-    the rows that would be written; ``mix`` sets each source's weight in ``streams.yaml``
-    (default ``repeat: 1``). ``on_error="skip"`` skips and counts bad rows instead of raising
+    (loaded with ``composer_remask.data.tokenizer.load_tokenizer``). ``limits`` keeps N rows of a
+    source, drawn with ``seed`` among the rows that would be written; ``mix`` sets each source's
+    weight in ``streams.yaml`` (default ``repeat: 1``). ``on_error="skip"`` skips and counts bad rows instead of raising
     ``DataError``. ``progress=None`` shows a bar when stderr is a terminal.
     """
     limits, mix = dict(limits or {}), dict(mix or {})
@@ -236,7 +223,11 @@ def _build(sources: Sequence[SourceSpec], tokenizer: PreTrainedTokenizerBase | s
            overwrite: bool, workers: int, progress: bool | None, rows_per_chunk: int,
            shard_size_limit: int | str) -> dict[str, Any]:
     if isinstance(tokenizer, str):
+        from composer_remask.data.tokenizer import load_tokenizer  # imports transformers: only when needed
+
         tokenizer_name, tokenizer = tokenizer, load_tokenizer(tokenizer)
+        if not tokenizer.is_fast:
+            raise ValueError(f"{tokenizer_name}: no fast tokenizer available")
     else:
         tokenizer_name = tokenizer.name_or_path
     encoder = RoleEncoder(tokenizer)

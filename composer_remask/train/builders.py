@@ -22,12 +22,11 @@ from composer.utils.parallelism import FSDPConfig
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from composer_remask.data.tokenizer import add_remask_tokens as add_remask_special_tokens
+from composer_remask.data.tokenizer import load_tokenizer
 from composer_remask.train import registry
 from composer_remask.train.config import ConfigError, TrainConfig, check_kwargs, check_type
 from composer_remask.train.model import ComposerCausalLM, causal_lm_on_meta
@@ -55,21 +54,6 @@ INIT_DEVICES = ("cpu", "meta", "mixed")
 
 
 # ------------------------------------------------------------------------------------ tokenizer
-
-def load_tokenizer(name: str, kwargs: Mapping[str, Any] | None = None,
-                   add_remask_tokens: bool = True) -> PreTrainedTokenizerBase:
-    """A Hugging Face tokenizer by hub name or local path, with ReMask's special tokens added.
-
-    ``add_remask_tokens`` (default true) adds ``<|mask|>`` and the structural tags next to the
-    tokenizer's own special tokens; the model's embeddings grow to fit. ``false`` keeps the
-    tokenizer as it ships (``mask_strategy: random`` or ``pad`` need no mask token).
-    A relative path is read from the working directory (run from the repository root).
-    """
-    tokenizer = AutoTokenizer.from_pretrained(name, **dict(kwargs or {}))
-    if add_remask_tokens:
-        add_remask_special_tokens(tokenizer)
-    return tokenizer
-
 
 def build_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     """``tokenizer: {name: <hub id or path>, kwargs: {...}}``."""

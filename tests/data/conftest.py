@@ -8,7 +8,7 @@ import pytest
 from streaming.base.util import clean_stale_shared_memory
 
 from composer_remask.data.fixtures import TINY_TOKENIZER_DIR, write_source_fixtures
-from composer_remask.data.writer import load_tokenizer
+from composer_remask.data.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="session")

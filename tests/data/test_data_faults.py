@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 from composer_remask.data.cli import main
-from composer_remask.data.dataset import build_dataloader, read_mds_samples
+from composer_remask.data.dataset import build_dataloader
 from composer_remask.data.fixtures import TINY_TOKENIZER_DIR, tinycot_rows, write_jsonl
+from composer_remask.data.shards import read_mds_samples
 from composer_remask.data.sources import DataError, SourceSpec
 from composer_remask.data.writer import StreamWeight, build_corpus, parse_stream_weight
 from tests.data.helpers import PATIENCE_S
@@ -185,7 +186,7 @@ def test_a_flipped_bit_in_a_compressed_shard_stops_training_and_inspect(asset_to
 _READ_ONLY_PROBE = """
 import json, sys
 from composer_remask.data.dataset import build_dataloader
-from composer_remask.data.writer import load_tokenizer
+from composer_remask.data.tokenizer import load_tokenizer
 tokenizer = load_tokenizer(sys.argv[2])
 spec = build_dataloader({"local": sys.argv[1], "shuffle": False, "drop_last": False}, tokenizer, 4)
 print(json.dumps(sum(batch["input_ids"].shape[0] for batch in spec.dataloader)))
