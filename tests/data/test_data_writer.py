@@ -18,7 +18,7 @@ import yaml
 from streaming import Stream, StreamingDataset
 
 from composer_remask.batch import IGNORE_INDEX, PREDICTED_ROLES, ROLE_PAD, ROLE_RESPONSE
-from composer_remask.data.dataset import build_dataloader, read_mds_samples
+from composer_remask.data.dataset import build_dataloader
 from composer_remask.data.fixtures import (
     TINY_TOKENIZER_DIR,
     oasst2_rows,
@@ -28,6 +28,7 @@ from composer_remask.data.fixtures import (
 )
 from composer_remask.data.formats import RoleEncoder
 from composer_remask.data.pipeline import ChunkEncoder
+from composer_remask.data.shards import read_mds_samples
 from composer_remask.data.sources import DataError, RawRecord, SourceSpec
 from composer_remask.data.writer import (
     BuildError,
