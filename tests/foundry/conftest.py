@@ -35,11 +35,13 @@ def foundry_python() -> Path:
         problem = f"{FOUNDRY_VENV} does not exist"
     else:
         check = subprocess.run(
-            [str(FOUNDRY_PYTHON), "-c", "import importlib.metadata as m; "
-             "print(m.version('llm-foundry'), m.version('composer-remask'))"],
-            capture_output=True, text=True)
+            [str(FOUNDRY_PYTHON), "-c", "import importlib.metadata as m, composer_remask; "
+             "print(m.version('llm-foundry'), m.version('composer-remask')); print(composer_remask.__file__)"],
+            capture_output=True, text=True, cwd="/")
         if check.returncode != 0:
             problem = f"{FOUNDRY_VENV} lacks llm-foundry or composer-remask: {check.stderr.strip()[-300:]}"
+        elif not Path(check.stdout.splitlines()[-1]).resolve().is_relative_to(REPO):
+            problem = f"{FOUNDRY_VENV} has composer-remask from elsewhere, not this checkout (pip install -e .)"
     if problem is not None:
         message = f"{problem}; `bash scripts/test.sh` creates it (llm-foundry==0.22.0 + this package)"
         if _in_ci():

@@ -66,7 +66,8 @@ class FoundryRun:
         self.weights: dict[str, torch.Tensor] = torch.load(out / "weights.pt")
 
 
-def _run(recipe: str, out: Path, assets: dict[str, Path], nproc: int, microbatch: int) -> FoundryRun:
+def _run(recipe: str, out: Path, assets: dict[str, Path], nproc: int, microbatch: int,
+         extra: dict[str, Any]) -> FoundryRun:
     config = yaml.safe_load(RECIPES[recipe].read_text())
     overrides: dict[str, Any] = {
         "variables.model": str(assets["model"]), "variables.tokenizer": str(assets["tokenizer"]),
@@ -86,7 +87,7 @@ def _run(recipe: str, out: Path, assets: dict[str, Path], nproc: int, microbatch
     }
     if recipe == "mds":  # the test corpus has one source
         overrides["train_loader.dataset.streams"] = {"tinycot": {"local": str(assets["corpus"] / "tinycot")}}
-    for key, value in overrides.items():
+    for key, value in {**overrides, **extra}.items():
         _set(config, key, value)
     out.mkdir(parents=True)
     recipe_path = out / "recipe.yaml"
@@ -100,14 +101,15 @@ def _run(recipe: str, out: Path, assets: dict[str, Path], nproc: int, microbatch
 
 @pytest.fixture(scope="module")
 def foundry_runs(foundry_python, foundry_assets, tmp_path_factory):
-    """Runs by (recipe, processes, microbatch size), each trained once per session."""
-    cache: dict[tuple[str, int, int], FoundryRun] = {}
+    """Runs by (recipe, processes, microbatch size, other overrides), each trained once per module."""
+    cache: dict[tuple[Any, ...], FoundryRun] = {}
     root = tmp_path_factory.mktemp("foundry-runs")
 
-    def get(recipe: str, nproc: int, microbatch: int) -> FoundryRun:
-        key = (recipe, nproc, microbatch)
+    def get(recipe: str, nproc: int, microbatch: int, **extra: Any) -> FoundryRun:
+        key = (recipe, nproc, microbatch, *sorted(extra.items()))
         if key not in cache:
-            cache[key] = _run(recipe, root / f"{recipe}-n{nproc}-mb{microbatch}", foundry_assets, nproc, microbatch)
+            name = f"{recipe}-n{nproc}-mb{microbatch}" + "".join(f"-{k}={v}" for k, v in sorted(extra.items()))
+            cache[key] = _run(recipe, root / name, foundry_assets, nproc, microbatch, extra)
         return cache[key]
 
     return get
@@ -124,6 +126,7 @@ def _assert_losses_logged_and_consistent(run: FoundryRun) -> float:
         expected = 0.5 * (metrics["loss/train/ce_full"] + metrics["loss/train/ce_masked"]) \
             + DEFAULT_WEIGHT * metrics["loss/train/divergence"]
         worst = max(worst, abs(metrics["loss/train/total"] - expected))
+    print(f"{run.out.name}: total vs 0.5*(ce_full+ce_masked) + {DEFAULT_WEIGHT}*divergence, max error {worst:.2g}")
     assert worst < 1e-5, f"identity off by {worst}"
     return worst
 
@@ -136,6 +139,8 @@ def _assert_same_training(reference: FoundryRun, other: FoundryRun) -> None:
     assert any(list(tokens) != masked for (_, tokens), masked in reference.masks.items())  # masks were drawn
     assert set(other.weights) == set(reference.weights)
     worst = max(float((other.weights[name] - reference.weights[name]).abs().max()) for name in reference.weights)
+    print(f"{other.out.name} vs {reference.out.name}: {len(reference.masks)} of {len(reference.masks)} samples "
+          f"masked alike, final weights differ by {worst:.2g}")
     assert worst < 1e-6, f"final weights differ by {worst}"
 
 
@@ -153,13 +158,20 @@ def test_finetuning_loader_one_process(foundry_runs, foundry_assets):
 
 
 @pytest.mark.dist
+def test_finetuning_loader_two_processes_with_microbatches_match_one(foundry_runs):
+    reference = foundry_runs("finetuning", 1, GLOBAL_BATCH)
+    run = foundry_runs("finetuning", 2, 2)  # interleaved sampler, 2 microbatches per rank
+    _assert_losses_logged_and_consistent(run)
+    _assert_same_training(reference, run)
+
+
 @pytest.mark.xfail(strict=True, reason=(
     "ReMask(loss_weighting='auto') misses Composer's microbatch weight when the DataSpec counts "
     "loss-generating tokens as a tensor, as llm-foundry's loaders do: it assumes sample weighting and "
     "stops with its weighting-mismatch error"))
-def test_finetuning_loader_two_processes_with_microbatches_match_one(foundry_runs):
-    reference = foundry_runs("finetuning", 1, GLOBAL_BATCH)
-    run = foundry_runs("finetuning", 2, 2)  # interleaved sampler, 2 microbatches per rank, token weighting
+def test_finetuning_loader_with_llm_foundry_token_weighting_matches_one_microbatch(foundry_runs):
+    reference = foundry_runs("finetuning", 1, GLOBAL_BATCH)  # one microbatch: any weighting gives 1
+    run = foundry_runs("finetuning", 1, 2, accumulate_train_batch_on_tokens=True)  # llm-foundry's default
     _assert_losses_logged_and_consistent(run)
     _assert_same_training(reference, run)
 
