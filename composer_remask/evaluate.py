@@ -12,8 +12,10 @@ Offline, a GSM8K-style task runs from a local JSONL (``--gsm8k-jsonl``): rows in
   ``--gsm8k-fewshot-jsonl`` (5-shot when given), scored by ``exact_match,strict-match`` on
   ``#### N``, the card's metric;
 - ``remask``: the project's CoT prompt (``<|user|>\\n...\\n<|rationale|>\\n``), zero-shot, scored by
-  ``exact_match,last-number`` (the answer is the last number the model writes; the harness decodes
-  without special tokens, so the ``<|answer|>`` tag itself is not visible to the filter).
+  ``exact_match,strict-match``: the number right after the first ``<|answer|>\\n`` the model
+  writes (the card's strict GSM8K metric, in the project's format); ``exact_match,last-number``
+  (the last number written) is reported too. lm-eval decodes generations without special tokens,
+  which hides ``<|answer|>``; :func:`special_tokens_hflm` keeps them.
 
     remask-eval runs/remask-3b/hf                         # gsm8k 5-shot + arc_challenge 25-shot (hub data)
     remask-eval runs/tiny-cpu/hf --gsm8k-jsonl test.jsonl --prompt-format remask --device cpu --limit 20
@@ -31,8 +33,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from composer_remask.batch import ANSWER_TAG, USER_TAG
+from composer_remask.data.formats import format_cot_prompt
+
 __all__ = [
-    "CARD_TASKS", "LOCAL_GSM8K_TASK", "TaskSetting", "evaluate", "format_report", "main", "write_local_gsm8k_task",
+    "CARD_TASKS", "COT_STRICT_ANSWER", "LOCAL_GSM8K_TASK", "TaskSetting", "cot_prompt_template", "evaluate",
+    "format_report", "main", "special_tokens_hflm", "write_local_gsm8k_task",
 ]
 
 LOCAL_GSM8K_TASK = "gsm8k_local"
@@ -58,6 +64,30 @@ _EXACT_MATCH = {
     "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"],
 }
 _NUMBER = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
+# Strict match in the project's CoT format: the number right after the first "<|answer|>\n".
+COT_STRICT_ANSWER = re.escape(ANSWER_TAG) + r"\n(-?[0-9]+)"
+
+
+def cot_prompt_template(field: str) -> str:
+    """The CoT generation prompt (``data.formats.format_cot_prompt``) as an lm-eval template of ``field``."""
+    return format_cot_prompt("{{" + field + "}}")
+
+
+def special_tokens_hflm() -> type:
+    """lm-eval's ``HFLM`` with generations decoded special tokens included (imported lazily).
+
+    The stock ``HFLM`` decodes with ``skip_special_tokens=True``, so ``<|answer|>`` never reaches
+    the strict-match filter; this one keeps it.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    class SpecialTokensHFLM(HFLM):
+        """``HFLM`` whose generations keep special tokens (``<|answer|>``) when decoded."""
+
+        def tok_decode(self, tokens: Any, skip_special_tokens: bool = False) -> str:
+            return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+    return SpecialTokensHFLM
 
 
 # ------------------------------------------------------------------------------ local GSM8K task
@@ -142,19 +172,21 @@ def write_local_gsm8k_task(test_jsonl: str | Path, out_dir: str | Path, fewshot_
         )
         metric = "exact_match,strict-match"
     else:
-        from composer_remask.batch import RATIONALE_TAG, USER_TAG
-
         num_fewshot = 0
         task.update(
-            doc_to_text=f"{USER_TAG}\n{{{{question}}}}\n{RATIONALE_TAG}\n",
+            doc_to_text=cot_prompt_template("question"),
             doc_to_target="{{target}}",
             metric_list=[_EXACT_MATCH],
             generation_kwargs={"until": [USER_TAG], "do_sample": False, "temperature": 0.0, "max_gen_toks": 256},
-            filter_list=[{"name": "last-number", "filter": [
-                {"function": "regex", "group_select": -1, "regex_pattern": _NUMBER},
-                {"function": "take_first"}]}],
+            filter_list=[
+                {"name": "strict-match", "filter": [{"function": "regex", "regex_pattern": COT_STRICT_ANSWER},
+                                                    {"function": "take_first"}]},
+                {"name": "last-number", "filter": [
+                    {"function": "regex", "group_select": -1, "regex_pattern": _NUMBER},
+                    {"function": "take_first"}]},
+            ],
         )
-        metric = "exact_match,last-number"
+        metric = "exact_match,strict-match"
     task["num_fewshot"] = num_fewshot
     (out / f"{task_name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False), encoding="utf-8")
     return TaskSetting(num_fewshot, metric)
@@ -210,7 +242,6 @@ def evaluate(
     import lm_eval
     import torch
     from lm_eval.api.model import LM
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -231,13 +262,15 @@ def evaluate(
         if unknown:
             raise ValueError(f"unknown lm-eval task(s) {unknown}; add their YAML folder with include_path")
 
+        # The project's CoT format ends its answer after a special token, which the stock decoding hides.
+        hflm = special_tokens_hflm() if prompt_format == "remask" else _stock_hflm()
         if isinstance(model, LM):  # any lm-eval model object, used as it is
             lm, model_name = model, type(model).__name__
         elif isinstance(model, (str, Path)):
-            lm = HFLM(pretrained=str(model), device=device, dtype=dtype, batch_size=batch_size)
+            lm = hflm(pretrained=str(model), device=device, dtype=dtype, batch_size=batch_size)
             model_name = str(model)
         else:
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
+            lm = hflm(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
             model_name = getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__)
 
         groups: dict[int | None, list[str]] = {}
@@ -263,6 +296,12 @@ def evaluate(
                     entry["samples"] = output.get("samples", {}).get(name, [])
                 report["tasks"][name] = entry
     return report
+
+
+def _stock_hflm() -> type:
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM
 
 
 def format_report(report: Mapping[str, Any]) -> str:

@@ -32,9 +32,11 @@ from typing import Any
 
 import torch
 
-PROMPT = "<|user|>\n{prompt}\n<|rationale|>\n"
+from composer_remask.data.formats import format_cot_prompt
+from composer_remask.evaluate import COT_STRICT_ANSWER
+
 ANSWER = "\n<|answer|>\n"
-STRICT = re.compile(r"<\|answer\|>\n(-?[0-9]+)")
+STRICT = re.compile(COT_STRICT_ANSWER)
 NUMBER = re.compile(r"-?[0-9]+")
 RESULT = re.compile(r"= (-?[0-9]+)\.")
 
@@ -76,7 +78,7 @@ def _teacher_forced_steps(model: Any, tokenizer: Any, rows: Sequence[Mapping[str
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            texts = [PROMPT.format(prompt=r["prompt"]) + r["rationale"] + ANSWER + r["target"] for r in chunk]
+            texts = [format_cot_prompt(r["prompt"]) + r["rationale"] + ANSWER + r["target"] for r in chunk]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False,
                               return_offsets_mapping=True)
             offsets = batch.pop("offset_mapping")
@@ -85,7 +87,7 @@ def _teacher_forced_steps(model: Any, tokenizer: Any, rows: Sequence[Mapping[str
                                attention_mask=batch["attention_mask"].to(device)).logits
             greedy = logits.argmax(-1).cpu()
             for i, row in enumerate(chunk):
-                base = len(PROMPT.format(prompt=row["prompt"]))
+                base = len(format_cot_prompt(row["prompt"]))
                 steps = []
                 for match in RESULT.finditer(row["rationale"]):
                     lo, hi = base + match.start(1), base + match.end(1)
@@ -107,7 +109,7 @@ def evaluate_rows(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, str]],
     model.eval()
     try:
         with torch.no_grad():
-            generations = _generate(model, tokenizer, [PROMPT.format(prompt=r["prompt"]) for r in rows],
+            generations = _generate(model, tokenizer, [format_cot_prompt(r["prompt"]) for r in rows],
                                     max_new_tokens, batch_size, device)
         forced = _teacher_forced_steps(model, tokenizer, rows, batch_size, device)
     finally:

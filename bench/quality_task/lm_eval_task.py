@@ -8,7 +8,7 @@ Three zero-shot tasks over the same held-out rows (``test.jsonl`` from ``generat
   ``exact_match,strict-match`` (the headline, GSM8K-style strict): the number right after the
   first ``<|answer|>\\n`` the model writes; ``exact_match,flexible-extract``: the last number in the
   generation (GSM8K's flexible filter). The harness decodes with ``skip_special_tokens=True``,
-  which would hide ``<|answer|>``; :func:`special_tokens_hflm` decodes with the special tokens kept.
+  which would hide ``<|answer|>``; ``composer_remask.evaluate.special_tokens_hflm`` keeps them.
 - ``quality_synth_answer_ll`` (``loglikelihood``): the log-likelihood of ``\\n{target}`` after
   ``prompt + gold rationale + <|answer|>`` (teacher forcing): ``perplexity`` is exp(-mean
   log-likelihood), ``acc`` whether the gold answer is the greedy continuation.
@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from composer_remask.evaluate import COT_STRICT_ANSWER, cot_prompt_template, special_tokens_hflm
+
 __all__ = ["ANSWER_LL_TASK", "GEN_TASK", "RESPONSE_LL_TASK", "evaluate_export", "special_tokens_hflm",
            "write_tasks"]
 
@@ -37,10 +39,10 @@ ANSWER_LL_TASK = "quality_synth_answer_ll"
 RESPONSE_LL_TASK = "quality_synth_response_ll"
 TASKS = (GEN_TASK, ANSWER_LL_TASK, RESPONSE_LL_TASK)
 
-# The project's CoT template (composer_remask.data.formats.cot_segments):
+# The project's CoT template (composer_remask.data.formats):
 #   <|user|>\n{prompt}\n<|rationale|>\n{rationale}\n<|answer|>\n{answer}<eos>
-PROMPT = "<|user|>\n{{prompt}}\n<|rationale|>\n"
-STRICT_ANSWER = r"<\|answer\|>\n(-?[0-9]+)"
+PROMPT = cot_prompt_template("prompt")
+STRICT_ANSWER = COT_STRICT_ANSWER
 LAST_NUMBER = r"(-?[0-9]+)"
 _EXACT_MATCH = {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
                 "ignore_case": True, "ignore_punctuation": False}
@@ -92,19 +94,6 @@ def write_tasks(test_jsonl: str | Path, out_dir: str | Path, max_gen_toks: int =
         (out / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, **common, **body}, sort_keys=False),
                                           encoding="utf-8")
     return out
-
-
-def special_tokens_hflm() -> type:
-    """lm-eval's ``HFLM`` with generations decoded special tokens included (imported lazily)."""
-    from lm_eval.models.huggingface import HFLM
-
-    class SpecialTokensHFLM(HFLM):
-        """``HFLM`` whose generations keep special tokens (``<|answer|>``) when decoded."""
-
-        def tok_decode(self, tokens: Any, skip_special_tokens: bool = False) -> str:
-            return self.tokenizer.decode(tokens, skip_special_tokens=False)
-
-    return SpecialTokensHFLM
 
 
 def evaluate_export(hf_dir: str | Path, test_jsonl: str | Path, *, device: str = "cpu", limit: int | None = None,

@@ -77,13 +77,14 @@ def test_gsm8k_format_is_five_shot_and_scores_strict_match(tmp_path):
     assert all(prompt.count("Question:") == 6 and prompt.endswith("\nAnswer:") for prompt in lm.prompts)
 
 
-def test_remask_format_uses_the_training_prompt_and_the_last_number(tmp_path):
+def test_remask_format_uses_the_training_prompt_and_scores_the_tagged_answer(tmp_path):
     test = write_jsonl(tmp_path / "cot.jsonl", COT_ROWS)
-    lm = ScriptedLM({"12 * 3 + 1": "12 * 3 = 36, 36 + 1 = 37\n\n37", "$9 per hour": "9 * 4 = 35\n\n35"})
+    lm = ScriptedLM({"12 * 3 + 1": "12 * 3 = 36, 36 + 1 = 37\n<|answer|>\n37", "$9 per hour": "9 * 4 = 36\n\n36"})
     report = evaluate(lm, ["gsm8k_local"], gsm8k_jsonl=test, prompt_format="remask")
     entry = report["tasks"]["gsm8k_local"]
-    assert (entry["metric"], entry["num_fewshot"]) == ("exact_match,last-number", 0)
-    assert entry["value"] == pytest.approx(0.5)
+    assert (entry["metric"], entry["num_fewshot"]) == ("exact_match,strict-match", 0)
+    assert entry["value"] == pytest.approx(0.5)  # "36" without "<|answer|>" is not a strict match
+    assert entry["all"]["exact_match,last-number"] == pytest.approx(1.0)
     assert sorted(lm.prompts) == sorted(format_cot_prompt(row["prompt"]) for row in COT_ROWS if row["target"] != "no")
 
 
