@@ -55,6 +55,10 @@ class Lilith(Optimizer):
             trust ratio are then summed over ranks, so the ratio is the one of the whole tensor,
             and the skip rule uses the whole tensor's element count (``numel <= 1``). Set by
             the training builder; leave ``False`` for single-process and DDP training.
+        replicas: with ``sharded`` under HSDP (``HYBRID_SHARD``), how many identical copies of
+            each shard the default group holds (Composer's ``data_parallel_replicate_degree``):
+            the summed statistics are divided by it, so the norms and the element count are the
+            whole tensor's once. Set by the training builder.
 
     Example::
 
@@ -77,6 +81,7 @@ class Lilith(Optimizer):
         ema_beta: float = 0.99,
         bias_correction: bool = True,
         sharded: bool = False,
+        replicas: int = 1,
     ) -> None:
         if lr < 0:
             raise ValueError(f"Lilith: lr must be >= 0, got {lr}")
@@ -93,6 +98,9 @@ class Lilith(Optimizer):
         )
         super().__init__(params, defaults)
         self.sharded = sharded
+        if replicas < 1:
+            raise ValueError(f"Lilith: replicas must be >= 1, got {replicas}")
+        self.replicas = int(replicas)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -135,6 +143,8 @@ class Lilith(Optimizer):
             stats[row, 2] = param.numel()
         if torch_dist.is_available() and torch_dist.is_initialized():
             torch_dist.all_reduce(stats)
+            if self.replicas > 1:  # HSDP: every shard was counted once per replica
+                stats /= self.replicas
         for row, (param, group) in enumerate(params):
             if param.grad is None or stats[row, 2] <= 1:
                 continue

@@ -89,7 +89,11 @@ def test_mcli_run_files(gpus):
     assert run.integrations[0]["integration_type"] == "git_repo"
     assert "composer train.py /mnt/config/parameters.yaml" in run.command
     assert "remask-data build" in run.command
-    assert run.parameters == yaml.safe_load((REPO / "yamls/remask_3b.yaml").read_text())
+    expected = yaml.safe_load((REPO / "yamls/remask_3b.yaml").read_text())
+    if gpus > 8:  # HSDP across nodes: shard within a node, replicate across nodes
+        expected["fsdp_config"].update(sharding_strategy="HYBRID_SHARD", data_parallel_shard_degree=8,
+                                       data_parallel_replicate_degree=gpus // 8)
+    assert run.parameters == expected
     assert 256 % gpus == 0  # the recipe's global batch splits over the GPUs
 
 
