@@ -416,8 +416,10 @@ def write_markdown(results: Mapping[str, Any], path: Path) -> str:
         "",
         *by_len,
         "",
-        f"Device {s['device']}, {s['jobs']} run(s) at a time × {s['threads']} thread(s); wall time "
-        f"{s['wall_seconds'] / 60:.1f} min on {s['machine']}.",
+        (f"Device {s['device']}, {s['jobs']} run(s) at a time × {s['threads']} thread(s); wall time "
+         f"{s['wall_seconds'] / 60:.1f} min on {s['machine']}." if s.get("wall_seconds") is not None else
+         f"Device {s['device']} on {s['machine']}; runs collected from separate processes "
+         f"({', '.join(s.get('collected_from', []))}); each run's command is in the JSON (train_command)."),
         "",
         f"Command: `{s['command']}`",
         "",
@@ -461,7 +463,7 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
             ax.bar(i + offset, mean, width=0.3, color=colors(i), alpha=0.45 if key == "test_final" else 0.8)
             ax.scatter([i + offset] * len(values), values, color="black", s=10, marker=marker, zorder=3)
     ax.set_xticks(range(len(names)), [summary[n]["label"].replace(" ", "\n", 1) for n in names], fontsize=7)
-    ax.set_title("test accuracy (%): last epoch (light) / val-chosen epoch (dark); dots = seeds")
+    ax.set_title("test acc (%): last epoch (light), val-chosen epoch (dark), dots = seeds", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax = axes[1][1]
     for i, entry in enumerate(summary.values()):
@@ -470,11 +472,14 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
                 ms=3, label=entry["label"])
         ax.plot(lengths, [100 * entry["predicted_by_length_final"][str(n)][0] for n in lengths], ":", color=colors(i))
     ax.set_xlabel("chain length (operations)")
-    ax.set_title("exposure bias: free-running accuracy (solid) vs teacher-forced step acc^L (dotted), %")
+    ax.set_title("by chain length: free-running acc (solid) vs teacher-forced step acc^L (dotted), %", fontsize=9)
     ax.grid(alpha=0.3)
     s = results["settings"]
-    fig.suptitle(f"composer-remask quality, multi-epoch regime ({s['mode']}{', ' + s['label'] if s.get('label') else ''}): "
-                 f"{s['n_train']} problems x {s['epochs']} epochs, base {s['base']}, seeds {s['seeds']}", fontsize=10)
+    import textwrap
+
+    fig.suptitle(textwrap.fill(f"composer-remask quality, multi-epoch regime ({s['mode']}): {s['n_train']} problems x "
+                               f"{s['epochs']} epochs, base {s['base']}, seeds {s['seeds']}"
+                               f"{'. ' + s['label'] if s.get('label') else ''}", 150), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -511,9 +516,11 @@ def collect(regime: Regime, run_dirs: Sequence[Path], *, results_dir: Path, devi
                    if k != "name"},
                 "cells": sorted({r["cell"] for r in records}, key=list(CELLS).index),
                 "seeds": sorted({r["seed"] for r in records}), "recipe": RECIPE, "device": device, "jobs": 1,
-                "threads": 1, "wall_seconds": sum(r["train_seconds"] for r in records),
+                "threads": 1, "wall_seconds": None,
                 "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "collected_from": [str(d) for d in run_dirs]}
-    results = {"settings": settings, "summary": summarize(records), "base": {}, "runs": records}
+    base_record = run_dirs[0].parents[1] / "base" / "record.json"   # <out>/runs/<cell>-s<seed>
+    base = json.loads(base_record.read_text()) if base_record.is_file() else {}
+    results = {"settings": settings, "summary": summarize(records), "base": base, "runs": records}
     results["best_on_val"] = best_cell(results["summary"])
     print(report(results, results_dir))
     return 0
