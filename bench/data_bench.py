@@ -25,10 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from composer_remask.data.fixtures import (  # noqa: E402
-    TINY_TOKENIZER_DIR,
     oasst2_rows,
     reddit_rows,
     tinycot_rows,
@@ -63,7 +63,7 @@ def best_of(repeats: int, run) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=20000, help="rows in total, split over three sources")
-    parser.add_argument("--tokenizer", default=str(TINY_TOKENIZER_DIR))
+    parser.add_argument("--tokenizer", default=str(REPO / "assets" / "tiny-tokenizer"))
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts for the writer")
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="best of N for each measurement")

@@ -27,6 +27,7 @@ from composer_remask.pretrained import (  # noqa: E402
     resolve_gguf,
     tokenizer_from_gguf,
 )
+from tests.helpers.assets import TINY_TOKENIZER  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]   # ids 0, 1, 2 as in SmolLM2
 BOS_ID, EOS_ID = 1, 2
@@ -247,7 +248,6 @@ def test_eos_guard_names_both_values(tiny_gguf, tmp_path: Path) -> None:
 
 
 TINY_RECIPE = Path(__file__).resolve().parents[1] / "yamls" / "tiny_cpu.yaml"
-TINY_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tiny-tokenizer"
 
 
 @pytest.fixture(scope="module")

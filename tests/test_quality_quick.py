@@ -23,6 +23,8 @@ from bench.quality_task.generate import (  # noqa: E402
     solve_prompt,
     write_splits,
 )
+from tests.helpers.assets import TINY_TOKENIZER  # noqa: E402
+from tests.helpers.limits import CI_LIMIT_S  # noqa: E402
 
 
 def _check_rationale(row: dict[str, str]) -> None:
@@ -88,7 +90,7 @@ def test_rows_build_with_the_tinycot_source(tmp_path: Path) -> None:
 
     from composer_remask.data.formats import encode_example
 
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "assets" / "tiny-tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
     ids, roles = encode_example(tokenizer, example)
     answer = tokenizer.decode(ids[roles == ROLE_ANSWER], skip_special_tokens=False)
     assert answer == f"<|answer|>\n{train[0]['target']}{tokenizer.eos_token}"
@@ -199,7 +201,7 @@ def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "work"
     cmd = [sys.executable, "bench/quality.py", "--quick", "--methods", "remask", "--steps", "3", "--base-steps", "2", "--n-train", "200",
            "--n-test", "8", "--jobs", "1", "--out", str(out), "--results", str(tmp_path / "results")]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=CI_LIMIT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((tmp_path / "results" / "quality.json").read_text())
     (run,) = results["runs"]

@@ -7,7 +7,7 @@ Reddit posts with answers. With the default 300 rows per source it is the sample
 demo trains on; tests write a few rows.
 
     python -m composer_remask.data.fixtures OUT_DIR [--rows 300] [--seed 0]
-    python -m composer_remask.data.fixtures --tokenizer assets/tiny-tokenizer   # rebuild the asset
+    python -m composer_remask.data.fixtures --tokenizer DIR    # the tiny tokenizer (the repo's: assets/tiny-tokenizer)
 
 Files under OUT_DIR: tinycot.jsonl, oasst2.jsonl, oasst2.parquet (same rows), reddit.jsonl and
 generic.jsonl (the three generic shapes mixed).
@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[2] / "assets" / "tiny-tokenizer"
 TINY_TOKENIZER_VOCAB_SIZE = 2048
 DEFAULT_ROWS = 300
 
@@ -315,8 +314,9 @@ def build_tiny_tokenizer(vocab_size: int = TINY_TOKENIZER_VOCAB_SIZE, seed: int 
     return train_tiny_tokenizer(tokenizer_training_text(seed=seed), vocab_size=vocab_size)
 
 
-def save_tiny_tokenizer(out_dir: str | Path = TINY_TOKENIZER_DIR) -> Path:
-    """Rebuild ``assets/tiny-tokenizer`` (or another folder) with ``save_pretrained``."""
+def save_tiny_tokenizer(out_dir: str | Path) -> Path:
+    """Write the tiny tokenizer to ``out_dir`` with ``save_pretrained`` (the repository keeps one in
+    ``assets/tiny-tokenizer``)."""
     out = Path(out_dir)
     build_tiny_tokenizer().save_pretrained(str(out))
     return out

@@ -7,14 +7,15 @@ from pathlib import Path
 import pytest
 from streaming.base.util import clean_stale_shared_memory
 
-from composer_remask.data.fixtures import TINY_TOKENIZER_DIR, write_source_fixtures
+from composer_remask.data.fixtures import write_source_fixtures
 from composer_remask.data.tokenizer import load_tokenizer
+from tests.helpers.assets import TINY_TOKENIZER
 
 
 @pytest.fixture(scope="session")
 def asset_tokenizer():
     """The committed assets/tiny-tokenizer, loaded the way `remask-data build` loads tokenizers."""
-    return load_tokenizer(str(TINY_TOKENIZER_DIR))
+    return load_tokenizer(str(TINY_TOKENIZER))
 
 
 @pytest.fixture(scope="session")

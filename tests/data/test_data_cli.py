@@ -9,7 +9,6 @@ import pytest
 from composer_remask.batch import REMASK_SPECIAL_TOKENS
 from composer_remask.data.cli import main
 from composer_remask.data.fixtures import (
-    TINY_TOKENIZER_DIR,
     TINY_TOKENIZER_VOCAB_SIZE,
     build_tiny_tokenizer,
     write_source_fixtures,
@@ -17,12 +16,13 @@ from composer_remask.data.fixtures import (
 from composer_remask.data.fixtures import main as fixtures_main
 from composer_remask.data.sources import SourceSpec
 from composer_remask.data.writer import build_corpus
+from tests.helpers.assets import TINY_TOKENIZER
 
 
 def test_build_then_inspect_shows_each_span_with_its_role(fixture_files, tmp_path, capsys):
     out = tmp_path / "out"
     status = main(["build", "--source", f"tinycot={fixture_files['tinycot']}",
-                   "--source", f"chat=oasst2:{fixture_files['oasst2']}", "--tokenizer", str(TINY_TOKENIZER_DIR),
+                   "--source", f"chat=oasst2:{fixture_files['oasst2']}", "--tokenizer", str(TINY_TOKENIZER),
                    "--max-seq-len", "256", "--out", str(out), "--limit", "chat=5", "--mix", "chat=repeat:2",
                    "--no-progress"])
     assert status == 0
@@ -50,7 +50,7 @@ def test_build_then_inspect_shows_each_span_with_its_role(fixture_files, tmp_pat
 
 def test_inspect_warns_when_the_tokenizer_is_not_the_one_used(fixture_files, tmp_path, tiny_tokenizer, capsys):
     out = tmp_path / "out"
-    build_corpus([SourceSpec("reddit", "reddit", str(fixture_files["reddit"]))], str(TINY_TOKENIZER_DIR), str(out),
+    build_corpus([SourceSpec("reddit", "reddit", str(fixture_files["reddit"]))], str(TINY_TOKENIZER), str(out),
                  progress=False)
     other = tmp_path / "other-tokenizer"
     tiny_tokenizer.save_pretrained(str(other))
@@ -61,7 +61,7 @@ def test_inspect_warns_when_the_tokenizer_is_not_the_one_used(fixture_files, tmp
 def test_build_errors_name_file_line_and_field_and_exit_nonzero(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "rationale": "b", "target": "1"}\n{"prompt": "a", "rationale": "b", "target": 7}\n')
-    args = ["build", "--source", f"tinycot={bad}", "--tokenizer", str(TINY_TOKENIZER_DIR), "--out", str(tmp_path / "o"),
+    args = ["build", "--source", f"tinycot={bad}", "--tokenizer", str(TINY_TOKENIZER), "--out", str(tmp_path / "o"),
             "--no-progress"]
     assert main(args) == 2
     assert capsys.readouterr().err.strip() == (
@@ -94,7 +94,7 @@ def test_fixture_files_are_deterministic_and_build_cleanly(tmp_path):
                              SourceSpec("oasst2", "oasst2", str(a["oasst2_parquet"])),
                              SourceSpec("reddit", "reddit", str(a["reddit"])),
                              SourceSpec("generic", "jsonl", str(a["generic"]))],
-                            str(TINY_TOKENIZER_DIR), str(tmp_path / "out"), max_seq_len=256, progress=False)
+                            str(TINY_TOKENIZER), str(tmp_path / "out"), max_seq_len=256, progress=False)
     for stats in manifest["sources"].values():
         assert stats["rows_read"] == stats["rows_written"] == 300 and stats["rows_truncated"] == 0
 
@@ -112,12 +112,12 @@ def test_fixtures_command_writes_files(tmp_path, capsys):
 
 
 def test_committed_tiny_tokenizer_is_small_reproducible_and_good_at_numbers(asset_tokenizer, tmp_path):
-    assert sum(p.stat().st_size for p in TINY_TOKENIZER_DIR.iterdir()) < 1_000_000
+    assert sum(p.stat().st_size for p in TINY_TOKENIZER.iterdir()) < 1_000_000
     assert len(asset_tokenizer) == TINY_TOKENIZER_VOCAB_SIZE + len(REMASK_SPECIAL_TOKENS)
     assert asset_tokenizer.pad_token_id == asset_tokenizer.eos_token_id is not None
     rebuilt = tmp_path / "rebuilt"
     build_tiny_tokenizer().save_pretrained(str(rebuilt))
-    assert (rebuilt / "tokenizer.json").read_bytes() == (TINY_TOKENIZER_DIR / "tokenizer.json").read_bytes()
+    assert (rebuilt / "tokenizer.json").read_bytes() == (TINY_TOKENIZER / "tokenizer.json").read_bytes()
 
     def encode(text: str) -> list[int]:
         return asset_tokenizer.encode(text, add_special_tokens=False)

@@ -16,11 +16,12 @@ import yaml
 
 from composer_remask.data.cli import main
 from composer_remask.data.dataset import build_dataloader
-from composer_remask.data.fixtures import TINY_TOKENIZER_DIR, tinycot_rows, write_jsonl
+from composer_remask.data.fixtures import tinycot_rows, write_jsonl
 from composer_remask.data.shards import read_mds_samples
 from composer_remask.data.sources import DataError, SourceSpec
 from composer_remask.data.writer import StreamWeight, build_corpus, parse_stream_weight
 from tests.data.helpers import PATIENCE_S
+from tests.helpers.assets import TINY_TOKENIZER
 
 # ------------------------------------------------------------------------------ processes (/proc)
 
@@ -65,7 +66,7 @@ def _start_build_with_workers(tmp_path: Path) -> tuple[subprocess.Popen, dict[in
     """A real `remask-data build --workers 2`, returned once it is midway with all its helpers up."""
     source = write_jsonl(tmp_path / "big.jsonl", tinycot_rows(60000, seed=1))
     command = [sys.executable, "-m", "composer_remask.data.cli", "build", "--source", f"tinycot={source}",
-               "--tokenizer", str(TINY_TOKENIZER_DIR), "--out", str(tmp_path / "out"), "--no-progress",
+               "--tokenizer", str(TINY_TOKENIZER), "--out", str(tmp_path / "out"), "--no-progress",
                "--workers", "2", "--rows-per-chunk", "100", "--shard-size-limit", "16kb"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + PATIENCE_S
@@ -233,7 +234,7 @@ def test_a_read_only_corpus_folder_trains_through_a_writable_cache(asset_tokeniz
             path.chmod(0o555 if path.is_dir() else 0o444)
         env = {**os.environ, "TMPDIR": str(scratch)}
         result = subprocess.run([sys.executable, "-c", _READ_ONLY_PROBE, str(corpus / "tinycot"),
-                                 str(TINY_TOKENIZER_DIR)], capture_output=True, text=True, env=env,
+                                 str(TINY_TOKENIZER)], capture_output=True, text=True, env=env,
                                 preexec_fn=preexec)
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout.splitlines()[-1]) == 24
@@ -252,7 +253,7 @@ def test_overwrite_refuses_when_an_input_lies_inside_out(asset_tokenizer, fixtur
     out.mkdir()
     source = out / "rows.jsonl"
     source.write_bytes(fixture_files["tinycot"].read_bytes())
-    args = ["build", "--source", f"tinycot={source}", "--tokenizer", str(TINY_TOKENIZER_DIR), "--out", str(out),
+    args = ["build", "--source", f"tinycot={source}", "--tokenizer", str(TINY_TOKENIZER), "--out", str(out),
             "--overwrite", "--no-progress"]
     assert main(args) == 2
     error = capsys.readouterr().err
@@ -304,7 +305,7 @@ def test_absurdly_nested_json_array_file_names_the_line(asset_tokenizer, tmp_pat
 @pytest.mark.parametrize("weight", ["repeat:nan", "proportion:inf", "repeat:-inf", "choose:nan", "repeat:1e999"])
 def test_non_finite_mix_weights_are_refused_by_the_cli_and_the_api(weight, fixture_files, tmp_path, capsys):
     out = tmp_path / "out"
-    args = ["build", "--source", f"tinycot={fixture_files['tinycot']}", "--tokenizer", str(TINY_TOKENIZER_DIR),
+    args = ["build", "--source", f"tinycot={fixture_files['tinycot']}", "--tokenizer", str(TINY_TOKENIZER),
             "--out", str(out), "--mix", f"tinycot={weight}", "--no-progress"]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
@@ -327,12 +328,12 @@ def test_non_finite_stream_weights_in_a_loader_section_are_refused(asset_tokeniz
 
 
 def test_every_cli_error_is_prog_error_with_exit_status_2(fixture_files, tmp_path, capsys):
-    base = ["build", "--source", f"tinycot={fixture_files['tinycot']}", "--tokenizer", str(TINY_TOKENIZER_DIR),
+    base = ["build", "--source", f"tinycot={fixture_files['tinycot']}", "--tokenizer", str(TINY_TOKENIZER),
             "--no-progress"]
     runtime_errors = [
         ([*base, "--out", str(tmp_path / "a"), "--workers", "0"], "workers"),
         ([*base, "--out", str(tmp_path / "b"), "--rows-per-chunk", "0"], "rows"),
-        (["build", "--source", f"tinycot={tmp_path / 'missing.jsonl'}", "--tokenizer", str(TINY_TOKENIZER_DIR),
+        (["build", "--source", f"tinycot={tmp_path / 'missing.jsonl'}", "--tokenizer", str(TINY_TOKENIZER),
           "--out", str(tmp_path / "c")], "missing.jsonl"),
         (["inspect", str(tmp_path / "nothing-here")], "nothing-here"),
     ]

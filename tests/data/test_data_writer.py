@@ -20,7 +20,6 @@ from streaming import Stream, StreamingDataset
 from composer_remask.batch import IGNORE_INDEX, PREDICTED_ROLES, ROLE_PAD, ROLE_RESPONSE
 from composer_remask.data.dataset import build_dataloader
 from composer_remask.data.fixtures import (
-    TINY_TOKENIZER_DIR,
     oasst2_rows,
     reddit_rows,
     tinycot_rows,
@@ -40,6 +39,7 @@ from composer_remask.data.writer import (
     streams_yaml,
 )
 from tests.data.helpers import PATIENCE_S, decoded_spans, expected_spans_of_row
+from tests.helpers.assets import TINY_TOKENIZER
 
 FIXTURE_KINDS = {"tinycot": "tinycot", "oasst2": "oasst2", "oasst2_parquet": "oasst2", "reddit": "reddit",
                  "generic": "jsonl"}
@@ -259,7 +259,7 @@ def test_killed_build_leaves_no_complete_looking_output(tmp_path):
     source = write_jsonl(tmp_path / "big.jsonl", rows)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "composer_remask.data.cli", "build", "--source", f"tinycot={source}",
-               "--tokenizer", str(TINY_TOKENIZER_DIR), "--out", str(out), "--no-progress", "--rows-per-chunk", "200",
+               "--tokenizer", str(TINY_TOKENIZER), "--out", str(out), "--no-progress", "--rows-per-chunk", "200",
                "--shard-size-limit", "16kb"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + PATIENCE_S

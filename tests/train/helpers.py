@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.assets import REPO, TINY_TOKENIZER
+
+__all__ = ["REPO", "TINY_RECIPE", "TINY_TOKENIZER", "run_train", "tiny_overrides"]
+
 TINY_RECIPE = REPO / "yamls" / "tiny_cpu.yaml"
-TINY_TOKENIZER = REPO / "assets" / "tiny-tokenizer"
 
 
 def tiny_overrides(corpus: dict[str, Path], run_dir: Path, **extra: object) -> list[str]:

@@ -18,7 +18,7 @@ from composer_remask.train.builders import (
     validate_sections,
 )
 from composer_remask.train.run import import_code_paths
-from tests.train.helpers import REPO, TINY_RECIPE
+from tests.train.helpers import REPO, TINY_RECIPE, TINY_TOKENIZER
 
 RECIPES = sorted((REPO / "yamls").glob("*.yaml"))
 
@@ -236,6 +236,6 @@ class CountBatches(Algorithm):
 
 def test_missing_corpus_is_a_config_error(tmp_path):
     cfg = load_config(TINY_RECIPE, [f"variables.data_dir={tmp_path / 'nowhere'}"])
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "assets" / "tiny-tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
     with pytest.raises(ConfigError, match=r"train_loader: .*nowhere/tinycot/index\.json.*remask-data build"):
         build_loaders(cfg, tokenizer, build_batch_sizes(cfg, world_size=1))
