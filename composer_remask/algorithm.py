@@ -265,8 +265,9 @@ class ReMask(Algorithm):
             warnings.warn(
                 f"ReMask: rationale_label_drop_prob={self.rationale_label_drop_prob} and answer_only_prob="
                 f"{self.answer_only_prob} do nothing: the batches have no '{TOKEN_ROLES_KEY}', so no token is known "
-                "to be rationale. Use composer_remask's MDS loader (composer_remask.data.dataset) or a collator that "
-                "sets token roles, or set both to 0 to silence this.", stacklevel=2)
+                "to be rationale. Use composer_remask's MDS loader (composer_remask.data.dataset; in llm-foundry "
+                "train_loader: {name: remask_mds}) or a collator that sets token roles, or set both to 0 to silence "
+                "this.", stacklevel=2)
 
     # ------------------------------------------------------------------------------ BEFORE_FORWARD
 

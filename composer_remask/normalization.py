@@ -72,13 +72,20 @@ def composer_microbatch_weight(max_depth: int = 32) -> float | None:
             scope = frame.f_locals
             if not isinstance(scope.get("self"), Trainer):
                 continue
-            size, total = scope.get(_MICROBATCH_SIZE), scope.get(_BATCH_SIZE)
-            if isinstance(size, (int, float)) and isinstance(total, (int, float)) and total > 0:
-                return float(size) / float(total)
-            return None
+            size, total = _number(scope.get(_MICROBATCH_SIZE)), _number(scope.get(_BATCH_SIZE))
+            return size / total if size is not None and total is not None and total > 0 else None
         return None
     finally:
         del frame
+
+
+def _number(value: Any) -> float | None:
+    """A count as Composer holds it: an int, a float, or a one-element tensor (llm-foundry's counter)."""
+    if isinstance(value, torch.Tensor):
+        return float(value.item()) if value.numel() == 1 else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def declared_microbatch_weight(loss_weighting: str, microbatch: Mapping[str, Any], counts: GlobalCounts,

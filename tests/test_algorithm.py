@@ -18,6 +18,7 @@ from composer_remask import ReMask
 from composer_remask.batch import batch_loss_tokens
 from composer_remask.data.tokenizer import train_tiny_tokenizer
 from tests.conftest import _TEXT, tiny_stablelm_config
+from tests.helpers.limits import CI_LIMIT_S
 from tests.helpers.synthetic import CoTDataset, collate
 
 
@@ -269,10 +270,10 @@ def test_two_processes_match_one_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(repo)}
     composer_bin = Path(sys.executable).with_name("composer")
     subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], check=True, env=env, cwd=repo,
-                   timeout=600)
+                   timeout=CI_LIMIT_S)
     subprocess.run([str(composer_bin), "-n", "2", "--master_port", "29533", "--stdout", str(tmp_path / "r{rank}.out"),
                     "--stderr", str(tmp_path / "r{rank}.err"), str(script), str(tmp_path / "two.pt")],
-                   check=True, env=env, cwd=repo, timeout=600)
+                   check=True, env=env, cwd=repo, timeout=CI_LIMIT_S)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert (one["world"], two["world"]) == (1, 2)
     diff = max_weight_diff(one["weights"], two["weights"])
@@ -348,7 +349,7 @@ def test_fsdp_full_shard_step_matches_the_unwrapped_model(tmp_path, use_orig_par
     subprocess.run([str(Path(sys.executable).with_name("composer")), "-n", "2", "--master_port", port,
                     "--stdout", str(tmp_path / "r{rank}.out"), "--stderr", str(tmp_path / "r{rank}.err"),
                     str(repo / "tests" / "helpers" / "fsdp_step.py"), str(out), "1" if use_orig_params else "0"],
-                   check=True, env={**os.environ, "PYTHONPATH": str(repo)}, cwd=repo, timeout=600)
+                   check=True, env={**os.environ, "PYTHONPATH": str(repo)}, cwd=repo, timeout=CI_LIMIT_S)
     diffs = [float((tmp_path / f"diff.rank{r}").read_text()) for r in range(2)]
     print(f"FSDP FULL_SHARD use_orig_params={use_orig_params}: max |w_fsdp - w_plain| per rank = {diffs}")
     assert max(diffs) < 1e-5
@@ -395,3 +396,18 @@ def test_label_rules_without_token_roles_warn_once(tiny_tokenizer):
                 progress_bar=False, algorithms=[ReMask(rationale_label_drop_prob=0, answer_only_prob=0)],
                 optimizers=torch.optim.SGD(model.parameters(), lr=0.1)).fit()
     assert not any("token_roles" in str(w.message) for w in quiet)  # silent once the rules are off
+
+
+def test_auto_weighting_reads_tensor_counts(tiny_tokenizer):
+    """Regression: llm-foundry's DataSpec returns its token counts as 0-d tensors."""
+    results = {}
+    for microbatch in (1, 4):
+        model = build_model(tiny_tokenizer)
+        loader = DataLoader(CoTDataset(tiny_tokenizer, 8), batch_size=4, collate_fn=collate)
+        spec = DataSpec(loader, get_num_tokens_in_batch=lambda b: {
+            "total": b["attention_mask"].sum(), "loss_generating": (b["labels"][:, 1:] != -100).sum()})
+        Trainer(model=model, train_dataloader=spec, max_duration="1ba", device="cpu", progress_bar=False,
+                optimizers=torch.optim.SGD(model.parameters(), lr=0.5), algorithms=[ReMask(seed=3)],
+                device_train_microbatch_size=microbatch, accumulate_train_batch_on_tokens=True).fit()
+        results[microbatch] = weights(model)
+    assert max_weight_diff(results[1], results[4]) < 1e-5

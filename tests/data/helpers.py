@@ -7,12 +7,13 @@ import itertools
 import numpy as np
 
 from composer_remask.batch import ROLE_NAMES
+from tests.helpers.limits import CI_LIMIT_S
 
 EOS = "<|endoftext|>"
 
 # How long a test waits for a subprocess to reach a state. Never the reason a healthy run fails:
 # the wait ends as soon as the state is reached (seconds), and the limit matches CI's own.
-PATIENCE_S = 90 * 60
+PATIENCE_S = CI_LIMIT_S
 
 
 def decoded_spans(tokenizer, input_ids, token_roles) -> list[tuple[str, str]]:

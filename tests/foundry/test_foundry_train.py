@@ -165,10 +165,6 @@ def test_finetuning_loader_two_processes_with_microbatches_match_one(foundry_run
     _assert_same_training(reference, run)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ReMask(loss_weighting='auto') misses Composer's microbatch weight when the DataSpec counts "
-    "loss-generating tokens as a tensor, as llm-foundry's loaders do: it assumes sample weighting and "
-    "stops with its weighting-mismatch error"))
 def test_finetuning_loader_with_llm_foundry_token_weighting_matches_one_microbatch(foundry_runs):
     reference = foundry_runs("finetuning", 1, GLOBAL_BATCH)  # one microbatch: any weighting gives 1
     run = foundry_runs("finetuning", 1, 2, accumulate_train_batch_on_tokens=True)  # llm-foundry's default
