@@ -345,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           device=args.device, batch_size=batch_size, dtype=args.dtype,
                           max_gen_toks=args.max_gen_toks)
     except (ValueError, FileNotFoundError) as error:
-        print(f"remask-eval: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     output = Path(args.output) if args.output else (
         Path(args.model) / "eval_results.json" if Path(args.model).is_dir() else None)

@@ -186,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         out = export_checkpoint(args.checkpoint, args.out, args.dtype, args.trust_checkpoint_pickle)
     except (FileNotFoundError, ValueError) as error:
-        print(f"remask-export: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {out} (load with AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0

@@ -518,10 +518,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         record = import_gguf(args.source, args.out_dir, structural_tags=args.structural_tags,
                              overwrite=args.overwrite)
     except (GGUFImportError, EOSMismatchError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     except ImportError as error:
-        print(f"error: {error} (install the extra: pip install 'composer-remask[pretrained]')", file=sys.stderr)
+        print(f"{parser.prog}: error: {error} (install the extra: pip install 'composer-remask[pretrained]')", file=sys.stderr)
         return 2
     print(json.dumps({k: record[k] for k in ("architecture", "name", "parameters", "gguf_tensor_types",
                                              "dequantized_to", "eos_token", "eos_token_id", "vocab_size")}))

@@ -189,7 +189,8 @@ def test_cli_writes_the_folder_and_refuses_to_overwrite(tiny_gguf, tmp_path: Pat
     record = json.loads((out / "gguf_import.json").read_text())
     assert record["eos_token"] == "<|im_end|>" and record["structural_tags"] == "init"
     assert main([str(gguf_path), str(out)]) == 2
-    assert "exists" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("remask-import-gguf: error: ") and "exists" in err
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 

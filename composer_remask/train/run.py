@@ -190,9 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.recipe, args.overrides)
         train(cfg)
     except (ConfigError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 3
     return 0

@@ -113,7 +113,7 @@ def test_unknown_task_is_an_error(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"unknown lm-eval task\(s\) \['gsm9k'\]"):
         evaluate(ScriptedLM({}), ["gsm9k"])
     assert main([str(tmp_path), "--tasks", "gsm8k_local"]) == 2
-    assert re.search(r"needs a local JSONL", capsys.readouterr().err)
+    assert re.search(r"^remask-eval: error: .*needs a local JSONL", capsys.readouterr().err)
 
 
 def test_cli_on_an_exported_tiny_model(tiny_model_factory, tiny_tokenizer, tmp_path):
