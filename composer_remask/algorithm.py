@@ -1,4 +1,4 @@
-"""ReMask as a Composer algorithm: a thin event adapter over the named parts.
+"""ReMask as a Composer algorithm: a thin event adapter over the named parts (docs/design.md#events).
 
 * ``FIT_START``: settle the mask seed (given, restored from a checkpoint, or the restored
   ``rank_zero_seed``) and count both passes in ``flops_per_batch`` for this fit only.

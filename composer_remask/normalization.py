@@ -1,5 +1,7 @@
 """Exact token means across microbatches and ranks, whatever Composer's microbatch weighting.
 
+See docs/design.md#normalization.
+
 Composer multiplies each microbatch's loss by a weight ``c = u(microbatch) / mean over ranks of
 u(rank's batch)``, where ``u`` counts samples (the default) or loss-generating tokens
 (``accumulate_train_batch_on_tokens=True``, counted by the DataSpec), and DDP then averages the
