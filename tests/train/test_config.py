@@ -37,8 +37,12 @@ def tiny_with(tmp_path: Path, edit) -> Path:
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
-def test_every_recipe_validates(recipe):
+def test_every_recipe_validates(recipe, monkeypatch):
+    from composer_remask.train.run import import_code_paths
+
+    monkeypatch.chdir(REPO)  # code_paths are relative to where training starts: the repository
     cfg = load_config(recipe)
+    import_code_paths(cfg.code_paths or [])  # as training does: a recipe may register its own entries
     validate_sections(cfg, cuda_available=True)  # as on the GPU machines the 3B recipes are for
     assert cfg.model["name"] == "hf_causal_lm"
 
