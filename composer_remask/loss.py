@@ -10,7 +10,7 @@ gradients, so no full-size logits tensor, fp32 or otherwise, lives until the bac
 
 Divergences live in one registry, ``DIVERGENCE_SPECS``: a new divergence is one per-token function
 of the two rows of log-probabilities plus one row there. A closed-form logit gradient is optional;
-without one, each chunk's gradient comes from autograd on that chunk.
+without one, the logits' gradient comes from autograd, block of rows by block of rows.
 
 Correctness is pinned by ``reference_loss`` in ``tests/test_loss.py`` (the textbook formulas in
 float64 on full tensors, no chunking and no gathering) and end to end, through a Trainer step, by
