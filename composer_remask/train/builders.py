@@ -291,15 +291,8 @@ def _named_sections(cfg: TrainConfig, key: str) -> dict[str, dict[str, Any]]:
     return {name: dict(kwargs or {}) for name, kwargs in section.items()}
 
 
-def algorithm_kwargs(cfg: TrainConfig, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """ReMask's ``loss_weighting`` follows ``accumulate_train_batch_on_tokens`` unless the recipe sets it."""
-    if name == "remask" and "loss_weighting" not in kwargs:
-        kwargs = {**kwargs, "loss_weighting": "tokens" if cfg.accumulate_train_batch_on_tokens else "samples"}
-    return kwargs
-
-
 def build_algorithms(cfg: TrainConfig) -> list[Algorithm]:
-    return [_lookup(registry.algorithms, name, cfg.where(f"algorithms.{name}"))(**algorithm_kwargs(cfg, name, kw))
+    return [_lookup(registry.algorithms, name, cfg.where(f"algorithms.{name}"))(**kw)
             for name, kw in _named_sections(cfg, "algorithms").items()]
 
 

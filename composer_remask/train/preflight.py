@@ -47,12 +47,12 @@ def _constructed(cfg: TrainConfig, section: str, build: Any, kwargs: dict[str, A
 
 def validate_recipe(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
     """All checks that need neither data nor weights; raises :class:`ConfigError` naming file and key."""
-    from composer_remask.train.builders import _named_sections, algorithm_kwargs, validate_sections
+    from composer_remask.train.builders import _named_sections, validate_sections
 
     validate_sections(cfg, cuda_available)
     for name, kwargs in _named_sections(cfg, "algorithms").items():
         target = registry.algorithms.get(name)
-        _constructed(cfg, f"algorithms.{name}", lambda t=target, n=name, k=kwargs: t(**algorithm_kwargs(cfg, n, k)),
+        _constructed(cfg, f"algorithms.{name}", lambda t=target, k=kwargs: t(**k),
                      kwargs)
 
     optimizer_kwargs = {key: value for key, value in cfg.optimizer.items() if key != "name"}

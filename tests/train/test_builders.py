@@ -49,7 +49,7 @@ def test_tiny_recipe_builds_every_object(sample_corpus, tmp_path):
     assert isinstance(optimizer, Lilith) and not optimizer.sharded
     assert isinstance(build_scheduler(cfg), OneCycleCosineScheduler)
     (remask,) = build_algorithms(cfg)
-    assert isinstance(remask, ReMask) and remask.mask_prob == 0.4 and remask.loss_weighting == "tokens"
+    assert isinstance(remask, ReMask) and remask.mask_prob == 0.4 and remask.loss_weighting == "auto"
     assert {type(c).__name__ for c in build_callbacks(cfg)} == {"SpeedMonitor", "LRMonitor"}
     outputs = model(batch)
     assert outputs.logits.shape[:2] == batch["input_ids"].shape

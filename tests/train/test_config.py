@@ -205,13 +205,11 @@ def test_batch_sizes_split_over_processes():
         build_batch_sizes(cfg, world_size=3)
 
 
-def test_remask_loss_weighting_follows_token_accumulation():
-    on = load_config(TINY_RECIPE, ["accumulate_train_batch_on_tokens=true"])
-    off = load_config(TINY_RECIPE, ["accumulate_train_batch_on_tokens=false"])
-    explicit = load_config(TINY_RECIPE, ["accumulate_train_batch_on_tokens=true",
-                                         "algorithms.remask.loss_weighting=samples"])
-    assert build_algorithms(on)[0].loss_weighting == "tokens"
-    assert build_algorithms(off)[0].loss_weighting == "samples"
+def test_remask_needs_no_weighting_setting_whatever_the_accumulation():
+    for value in ("true", "false"):
+        cfg = load_config(TINY_RECIPE, [f"accumulate_train_batch_on_tokens={value}"])
+        assert build_algorithms(cfg)[0].loss_weighting == "auto"  # read from the Trainer at run time
+    explicit = load_config(TINY_RECIPE, ["algorithms.remask.loss_weighting=samples"])
     assert build_algorithms(explicit)[0].loss_weighting == "samples"
 
 
