@@ -263,21 +263,6 @@ def test_single_pass_is_the_full_cross_entropy():
     torch.testing.assert_close(rows.grad.double(), ref_rows.grad, atol=1e-6, rtol=1e-5)
 
 
-def test_old_signature_shim_returns_the_same_loss():
-    from composer_remask.divergence import remask_loss_from_rows as old_remask_loss_from_rows
-
-    hidden_full, hidden_masked, head, labels, divergence_mask = _hidden_case(seed=11)
-    b, t, targets, div_rows = predicted_positions(labels, divergence_mask)
-    args = (hidden_full[b, t], hidden_masked[b, t], targets, div_rows)
-    common = dict(divergence="sym_kl", detach_full=False, ce_scale=0.1, div_scale=0.2, chunk_rows=5)
-    new_total, new_sums = remask_loss_from_rows(*args, divergence_weight=0.4, head_weight=head.weight,
-                                                head_bias=head.bias, **common)
-    old_total, old_sums = old_remask_loss_from_rows(*args, weight=0.4, output_weight=head.weight,
-                                                    output_bias=head.bias, **common)
-    assert old_total.item() == new_total.item()
-    assert old_sums.tolist() == [s.item() for s in new_sums]
-
-
 def test_under_autocast_the_head_runs_in_bf16_with_fp32_sums_and_accumulators():
     """Autocast's dtype drives the products; sums and the output layer's gradient stay fp32."""
     hidden_full, hidden_masked, head, labels, divergence_mask = _hidden_case(seed=12, hidden=16, vocab=61)
