@@ -28,11 +28,11 @@ SITE="${SITE:-$REPO/.gpu_site}"
 start=$(date +%s)
 if [[ -d "$WHEELS" ]] && compgen -G "$WHEELS/*.whl" > /dev/null; then
   # The machine's torch stays; these land in a target folder put ahead of site-packages, so
-  # transformers 4.53 / tokenizers 0.21 / huggingface-hub 0.x shadow the machine's newer ones.
+  # the project's transformers / tokenizers / huggingface-hub shadow the machine's newer ones.
   # pip picks, per package, the wheel that fits this Python.
-  # Compiled ones by name: the carried wheel that fits this Python (pinned where one exists).
+  # By name: the carried wheel that fits this Python.
   "$PYTHON" -m pip install --quiet --no-deps --no-index --find-links "$WHEELS" --target "$SITE" --upgrade \
-    $(grep -v '^#' scripts/gpu_wheels.txt | awk 'NF && !/compiled/ {print $1} /compiled/ {sub(/==.*/, "", $1); print $1}')
+    $(grep -v '^#' scripts/gpu_wheels.txt | awk 'NF {print $1}')
 elif [[ ! -d "$SITE" ]]; then
   echo "note: no wheels in $WHEELS (run scripts/fetch_gpu_wheels.sh beforehand); using the installed packages"
 fi

@@ -1,7 +1,7 @@
 """``init_device: mixed`` over gloo: rank 0 loads, the others build on meta, FSDP syncs and shards.
 
 Composer's FSDP needs CUDA (it moves meta modules to ``cuda:N``), so this wraps the Hugging Face
-module the way Composer 0.32.1's ``prepare_fsdp_module`` does (decoder layers as units, its
+module the way Composer's ``prepare_fsdp_module`` does (decoder layers as units, its
 ``_param_init_fn``: ``to_empty`` then the model's ``param_init_fn``, ``sync_module_states=True``)
 on the CPU (FSDP's GPU-only check before the sync is lifted; gloo broadcasts CPU tensors). Run
 ``composer -n 2 tests/helpers/mixed_init.py OUT MODEL_DIR FULL_SHARD`` or
