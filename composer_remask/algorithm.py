@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from composer.core import Algorithm, Event, State
-from composer.core.precision import get_precision_context
+from composer.core.precision import Precision, get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -52,12 +52,17 @@ from composer_remask.runtime import run_length_in_batches, unwrap_ddp
 
 log = logging.getLogger(__name__)
 
+
 def _check_finite_in(name: str, value: float, low: float, high: float | None = None) -> float:
     value = float(value)
     if not math.isfinite(value) or value < low or (high is not None and value > high):
         bounds = f"in [{low:g}, {high:g}]" if high is not None else f"a finite number >= {low:g}"
         raise ValueError(f"ReMask: {name} must be {bounds}, got {value!r}")
     return value
+
+
+# Marks the flops_per_batch wrapper ReMask installs for a fit, and holds the one-pass count it wraps.
+_ONE_PASS_ATTR = "remask_one_pass_flops"
 
 
 class ReMask(Algorithm):
@@ -138,6 +143,8 @@ class ReMask(Algorithm):
 
     def _reset(self) -> None:
         """Per-Trainer state (a ReMask object may serve several Trainers in turn)."""
+        if hasattr(self, "_capture"):
+            self._capture.remove()  # hooks left by a forward that never finished
         self._seed: int | None = None  # settled at FIT_START or restored from a checkpoint
         self._composer_model: Any = None
         self._vocabulary = MaskVocabulary(self.mask_strategy, self.mask_token_id)
@@ -145,7 +152,8 @@ class ReMask(Algorithm):
         self._capture = HiddenStateCapture()
         self._probe = WeightingProbe()
         self._patched_flops: Any = None
-        self._warned_no_roles = False
+        self._warned_no_roles = self._warned_fallback = False
+        self._inputs: tuple[dict[str, Any], dict[str, tuple[torch.Tensor, int]]] | None = None
         self._counts = GlobalCounts(0.0, 0.0, 0.0, 0.0, 0.0)  # per batch
         self._prepared_rows = self._trained_rows = 0
         self._full_batch: dict[str, Any] | None = None  # per microbatch
@@ -186,6 +194,7 @@ class ReMask(Algorithm):
             self._check_every_row_trained()
         elif event == Event.FIT_END:
             self._restore_flops()
+            self._capture.remove()
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "seed": self._seed if self._seed is not None else self.seed}
@@ -193,6 +202,15 @@ class ReMask(Algorithm):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("seed") is not None:
             self._seed = int(state["seed"])
+            if self.seed is not None and int(self.seed) != self._seed:
+                warnings.warn(f"ReMask: the checkpoint's mask seed {self._seed} replaces seed={self.seed}, so the "
+                              "resumed run draws the masks the interrupted run would have drawn.", stacklevel=2)
+
+    def __repr__(self) -> str:
+        arguments = ("mask_prob", "weight", "divergence", "mask_strategy", "mask_token_id", "rationale_label_drop_prob",
+                     "answer_only_prob", "mask_prob_warmup", "detach_full", "seed", "loss_weighting", "loss_impl",
+                     "chunk_rows")
+        return f"ReMask({', '.join(f'{name}={getattr(self, name)!r}' for name in arguments)})"
 
     # ------------------------------------------------------------------------------- INIT / FIT
 
@@ -211,19 +229,25 @@ class ReMask(Algorithm):
         model = self._composer_model
         counts_itself = getattr(model, COUNTS_PASSES_ATTR, False)
         if self.two_pass and not counts_itself and callable(getattr(model, "flops_per_batch", None)):
-            one_pass = model.flops_per_batch
-            self._patched_flops = (model, "flops_per_batch" in vars(model), one_pass)
-            model.flops_per_batch = lambda batch: forward_passes(batch) * one_pass(batch)
+            # A wrapper left by a fit that raised (FIT_END never came) is unwrapped, never wrapped again.
+            one_pass = getattr(model.flops_per_batch, _ONE_PASS_ATTR, model.flops_per_batch)
+            own = vars(model).get("flops_per_batch")
+            self._patched_flops = (model, None if own is None or hasattr(own, _ONE_PASS_ATTR) else own)
+
+            def flops_per_batch(batch: Any) -> float:
+                return forward_passes(batch) * one_pass(batch)
+
+            setattr(flops_per_batch, _ONE_PASS_ATTR, one_pass)
+            model.flops_per_batch = flops_per_batch
 
     def _restore_flops(self) -> None:
         if self._patched_flops is None:
             return
-        model, had_own, original = self._patched_flops
-        self._patched_flops = None
-        if had_own:
-            model.flops_per_batch = original
+        (model, own), self._patched_flops = self._patched_flops, None
+        if own is not None:
+            model.flops_per_batch = own
         else:
-            del model.flops_per_batch
+            vars(model).pop("flops_per_batch", None)
 
     # ------------------------------------------------------------------------------- BATCH_START
 
@@ -278,7 +302,8 @@ class ReMask(Algorithm):
             raise RuntimeError(
                 f"ReMask: the microbatch changed after ReMask prepared the batch at Event.BATCH_START ({problem}), "
                 "so its token means would not be exact. Something edits microbatches later: an algorithm or callback "
-                "at Event.BATCH_START/BEFORE_TRAIN_BATCH/BEFORE_FORWARD or a DataSpec microbatch_transforms "
+                "at Event.BATCH_START/BEFORE_TRAIN_BATCH/BEFORE_FORWARD, or a DataSpec's split_batch or "
+                "microbatch_transforms "
                 f"(other algorithms here: {others or 'none'}). Edit batches at Event.AFTER_DATALOADER instead; "
                 "any list order works there.")
         self._full_batch = dict(state.batch)
@@ -288,6 +313,7 @@ class ReMask(Algorithm):
             inputs["logits_to_keep"] = 1
             self._capture.install(self._composer_model.model)
         state.batch = inputs
+        self._inputs = (inputs, {k: (v, v._version) for k, v in inputs.items() if isinstance(v, torch.Tensor)})
 
     # ------------------------------------------------------------------------------- AFTER_FORWARD
 
@@ -296,17 +322,41 @@ class ReMask(Algorithm):
             weight = composer_microbatch_weight()
             if weight is not None:
                 return weight
+            if not self._warned_fallback:
+                self._warned_fallback = True
+                warnings.warn("ReMask(loss_weighting='auto') cannot read the Trainer's microbatch weight here; it "
+                              "assumes Composer's sample weighting (checked on the first microbatch outside amp_fp16). "
+                              "Declare loss_weighting='samples' or 'tokens' to silence this.", stacklevel=2)
         declared = "samples" if self.loss_weighting == "auto" else self.loss_weighting
         return declared_microbatch_weight(declared, microbatch, self._counts, dist.get_world_size())
 
+    def _check_forward_inputs(self, state: State, rows: int) -> None:
+        """What the model ran on must be the input ReMask built (edits after ReMask's BEFORE_FORWARD)."""
+        inputs, self._inputs = self._inputs, None
+        seen = state.batch
+        changed = seen is not inputs[0] or any(
+            seen.get(key) is not tensor or tensor._version != version for key, (tensor, version) in inputs[1].items())
+        out_rows = output_logits(state.outputs).shape[0]
+        if changed or out_rows != rows * forward_passes(self._full_batch or {}):
+            raise RuntimeError(
+                "ReMask: the model's input was changed after ReMask built it at Event.BEFORE_FORWARD, so its "
+                "loss would not be exact: an algorithm listed after ReMask or a callback edits the batch at "
+                "BEFORE_FORWARD. Edit batches at Event.AFTER_DATALOADER instead; any list order works there.")
+
     def _compute_loss(self, state: State) -> None:
+        assert self._full_batch is not None and self._inputs is not None
+        rows = int(self._full_batch["labels"].shape[0])
+        self._check_forward_inputs(state, rows)
         full, self._full_batch = self._full_batch, None
-        assert full is not None
         labels = full["labels"]
-        rows = int(labels.shape[0])
         batch_idx, pos_idx, targets, div_rows = predicted_positions(
             labels, full[DIVERGENCE_MASK_KEY] if self.two_pass else None)
         scales = microbatch_scales(self._counts, self._microbatch_weight(full), dist.get_world_size())
+        if scales.composer_weight <= 0 and targets.numel() > 0:
+            raise ValueError(
+                f"ReMask: Composer gives this microbatch weight 0 (its DataSpec counts no loss-generating tokens) but it "
+                f"holds {targets.numel()} predicted positions, which would silently not train; count loss-generating "
+                "tokens with composer_remask.batch.batch_loss_tokens, or use sample weighting.")
 
         model_logits = output_logits(state.outputs)
         captured = None
@@ -330,7 +380,7 @@ class ReMask(Algorithm):
             loss["ce_masked"] = sums.ce_masked * scales.ce
             loss["divergence"] = sums.divergence * scales.divergence
         self._loss = loss
-        self._probe.arm(total, scales.composer_weight)
+        self._probe.arm(total, scales.composer_weight, scaled_copy=state.precision == Precision.AMP_FP16)
         state.outputs = CausalLMOutputWithPast(loss=total, logits=inputs.metric_logits)
         state.batch = full
 

@@ -71,15 +71,16 @@ class HiddenStateCapture:
                          hf_model.get_output_embeddings().register_forward_pre_hook(self._on_head)]
 
     def remove(self) -> None:
+        """Remove the hooks and drop anything captured (an interrupted forward's graph included)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._hidden = self._head = None
 
     def take(self) -> Captured:
         """Remove the hooks and hand over what the forward captured (once)."""
-        self.remove()
         hidden, head = self._hidden, self._head
-        self._hidden = self._head = None
+        self.remove()
         if hidden is None or head is None:
             raise RuntimeError("ReMask: the decoder's hidden states were not captured during forward.")
         return Captured(hidden, head[0], head[1])

@@ -18,10 +18,12 @@ checks the declaration against what the Trainer really applied on the first micr
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 LOSS_WEIGHTINGS = ("auto", "samples", "tokens")
@@ -82,10 +84,10 @@ def composer_microbatch_weight(max_depth: int = 32) -> float | None:
 
 
 def _number(value: Any) -> float | None:
-    """A count as Composer holds it: an int, a float, or a one-element tensor (llm-foundry's counter)."""
+    """A count as Composer holds it: a Python or numpy number, or a one-element tensor (llm-foundry's)."""
     if isinstance(value, torch.Tensor):
         return float(value.item()) if value.numel() == 1 else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, (numbers.Real, np.integer, np.floating)) and not isinstance(value, bool):
         return float(value)
     return None
 
@@ -127,8 +129,8 @@ class WeightingProbe:
     """Checks, once, that Composer applied the microbatch weight the normalization assumed.
 
     Composer scales ``state.loss['total']`` in place by its weight before backward, so the value
-    after backward divided by the value before is the weight it really used. A grad scaler scales
-    a copy instead (the ratio is 1): nothing can be learned from that microbatch.
+    after backward divided by the value before is the weight it really used. Under a grad scaler
+    (``amp_fp16``) Composer scales a copy instead, so nothing can be measured: the probe stays off.
     """
 
     def __init__(self) -> None:
@@ -139,8 +141,8 @@ class WeightingProbe:
     def armed(self) -> bool:
         return self._armed is not None
 
-    def arm(self, total: torch.Tensor, expected_weight: float) -> None:
-        if not self.confirmed and expected_weight > 0:
+    def arm(self, total: torch.Tensor, expected_weight: float, scaled_copy: bool = False) -> None:
+        if not self.confirmed and not scaled_copy and expected_weight > 0:
             self._armed = (total, float(total.detach()), expected_weight)
 
     def applied_weight(self) -> tuple[float, float] | None:
@@ -152,8 +154,6 @@ class WeightingProbe:
         if before == 0.0:
             return None
         applied = float(total.detach()) / before
-        if applied == 1.0 and expected != 1.0:
-            return None
         self.confirmed = True
         return applied, expected
 

@@ -242,6 +242,7 @@ def test_state_dict_round_trip_keeps_composers_keys():
     algo = ReMask(seed=123)
     state = algo.state_dict()
     assert state["seed"] == 123 and state["repr"] == repr(algo)
+    assert repr(algo) == repr(ReMask(seed=123)) and "mask_prob=0.4" in repr(algo)  # no object address
     other = ReMask()
     other.load_state_dict(state)
     assert other.state_dict()["seed"] == 123
@@ -392,9 +393,10 @@ def test_label_rules_without_token_roles_warn_once(tiny_tokenizer):
 
     with warnings.catch_warnings(record=True) as quiet:
         warnings.simplefilter("always")
-        Trainer(model=build_model(tiny_tokenizer), train_dataloader=loader, max_duration="1ba", device="cpu",
-                progress_bar=False, algorithms=[ReMask(rationale_label_drop_prob=0, answer_only_prob=0)],
-                optimizers=torch.optim.SGD(model.parameters(), lr=0.1)).fit()
+        second = build_model(tiny_tokenizer)
+        Trainer(model=second, train_dataloader=loader, max_duration="1ba", device="cpu", progress_bar=False,
+                algorithms=[ReMask(rationale_label_drop_prob=0, answer_only_prob=0)],
+                optimizers=torch.optim.SGD(second.parameters(), lr=0.1)).fit()
     assert not any("token_roles" in str(w.message) for w in quiet)  # silent once the rules are off
 
 
@@ -411,3 +413,25 @@ def test_auto_weighting_reads_tensor_counts(tiny_tokenizer):
                 device_train_microbatch_size=microbatch, accumulate_train_batch_on_tokens=True).fit()
         results[microbatch] = weights(model)
     assert max_weight_diff(results[1], results[4]) < 1e-5
+
+
+def test_a_microbatch_composer_weighs_zero_while_it_holds_tokens_is_an_error(tiny_tokenizer):
+    """A DataSpec that counts no loss-generating token in a microbatch with labels would drop them silently."""
+    loader = DataLoader(CoTDataset(tiny_tokenizer, 4), batch_size=4, collate_fn=collate)
+    spec = DataSpec(loader, get_num_tokens_in_batch=lambda b: {
+        # the first microbatch (a view at offset 0 of the batch) counts tokens, the second none
+        "total": int(b["attention_mask"].sum()), "loss_generating": 5 if b["input_ids"].storage_offset() == 0 else 0})
+    model = build_model(tiny_tokenizer)
+    with pytest.raises(ValueError, match="weight 0"):
+        Trainer(model=model, train_dataloader=spec, max_duration="1ba", device="cpu", progress_bar=False,
+                optimizers=torch.optim.SGD(model.parameters(), lr=0.1), algorithms=[ReMask()],
+                device_train_microbatch_size=2, accumulate_train_batch_on_tokens=True).fit()
+
+
+def test_uneven_last_microbatch_is_exact(tiny_tokenizer):
+    results = {}
+    for microbatch in (3, 4):
+        _, model, logger = run(tiny_tokenizer, [ReMask(seed=9)], microbatch=microbatch)
+        results[microbatch] = (weights(model), logged(logger, "loss/train/total"))
+    assert max_weight_diff(results[3][0], results[4][0]) < 1e-5
+    assert results[3][1] == pytest.approx(results[4][1], abs=1e-6)

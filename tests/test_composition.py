@@ -88,11 +88,25 @@ class DropRows(Algorithm):
         state.batch = {k: v[1:] if torch.is_tensor(v) else v for k, v in state.batch.items()}
 
 
-@pytest.mark.parametrize("editor,match", [(TruncateMicrobatch, "microbatch changed after ReMask prepared"),
-                                          (DropRows, "trained 3 rows of a batch ReMask prepared with 4")])
-def test_a_later_batch_edit_is_an_error_naming_the_cause(tiny_tokenizer, editor, match):
-    """Regression: the error used to be the loss-weighting one, which suggests the wrong fix."""
-    algorithms = [editor(), ReMask()] if editor is TruncateMicrobatch else [ReMask(), editor()]
+class FlipTokens(Algorithm):
+    """Edits token ids in place at BEFORE_FORWARD (same shapes)."""
+
+    def match(self, event, state):
+        return event == Event.BEFORE_FORWARD
+
+    def apply(self, event, state, logger):
+        state.batch["input_ids"][:, 1].add_(1)
+
+
+@pytest.mark.parametrize("editor,first,match", [
+    (TruncateMicrobatch, True, "microbatch changed after ReMask prepared"),  # before ReMask's BEFORE_FORWARD
+    (TruncateMicrobatch, False, "model's input was changed after ReMask built it"),  # after it
+    (FlipTokens, False, "model's input was changed after ReMask built it"),
+    (DropRows, False, "trained 3 rows of a batch ReMask prepared with 4"),
+], ids=["truncate_before", "truncate_after", "flip_after", "drop_rows"])
+def test_a_later_batch_edit_is_an_error_naming_the_cause(tiny_tokenizer, editor, first, match):
+    """Regression: the error used to be the loss-weighting one (or an IndexError, or nothing at all)."""
+    algorithms = [editor(), ReMask()] if first else [ReMask(), editor()]
     with pytest.raises(RuntimeError, match=match) as error:
         run(tiny_tokenizer, algorithms, microbatch=2)
     assert "loss_weighting" not in str(error.value)
@@ -201,6 +215,10 @@ def test_flops_count_both_passes_only_while_remask_trains(tiny_tokenizer):
     model = FlopsModel(StableLmForCausalLM(tiny_stablelm_config(len(tiny_tokenizer))), tokenizer=tiny_tokenizer,
                        use_logits=True)
     assert _flops_fit(model, tiny_tokenizer, [ReMask()]) == [2.0]
+    assert "flops_per_batch" not in vars(model)
+    with pytest.raises(RuntimeError):  # a fit that raises never reaches FIT_END
+        _flops_fit(model, tiny_tokenizer, [ReMask(), DropRows()])
+    assert _flops_fit(model, tiny_tokenizer, [ReMask()]) == [2.0]  # not 4: the leftover is not wrapped again
     assert "flops_per_batch" not in vars(model)
     assert _flops_fit(model, tiny_tokenizer, []) == [1.0]
     assert _flops_fit(model, tiny_tokenizer, [ReMask(mask_prob=0.0)]) == [1.0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,12 +93,28 @@ def test_probe_reads_the_weight_applied_in_place():
     assert not probe.armed
 
 
-def test_probe_learns_nothing_from_a_scaled_copy_or_a_zero_loss():
+def test_probe_measures_a_weight_of_one_too():
+    """Regression: a measured 1.0 was taken for a grad scaler's copy, so a wrong declaration passed."""
     probe = WeightingProbe()
-    probe.arm(torch.tensor(2.0), 0.5)  # a grad scaler multiplies a copy: the value is unchanged
-    assert probe.applied_weight() is None and not probe.confirmed
+    probe.arm(torch.tensor(2.0), expected_weight=1.3)  # DDP, one microbatch per rank: Composer applies 1.0
+    applied, expected = probe.applied_weight()
+    assert applied == 1.0 and not WeightingProbe.matches(applied, expected)
+
+
+def test_probe_stays_off_under_a_grad_scaler_and_learns_nothing_from_a_zero_loss():
+    probe = WeightingProbe()
+    probe.arm(torch.tensor(2.0), 0.5, scaled_copy=True)  # amp_fp16: Composer scales a copy
+    assert not probe.armed
     probe.arm(torch.tensor(0.0), 0.5)
     assert probe.applied_weight() is None and not probe.confirmed
+
+
+def test_counts_may_be_numpy_numbers_or_tensors():
+    from composer_remask.normalization import _number
+
+    assert _number(np.int64(3)) == 3.0 and _number(np.float32(1.5)) == 1.5
+    assert _number(torch.tensor(7)) == 7.0 and _number(5) == 5.0
+    assert _number(True) is None and _number(torch.ones(2)) is None and _number("3") is None
 
 
 def test_gathering_leaves_the_local_counts_alone(monkeypatch):
