@@ -5,7 +5,8 @@ key, stream), and draws one number per position from the start of the sequence. 
 of the sample's own tokens, not its place in the batch, so a sample gets the same masks whatever
 the microbatch size, the number of ranks, how a sampler spreads samples over ranks (contiguous
 blocks or interleaved) or the amount of right padding; and a resumed run draws exactly what the
-uninterrupted run drew. Two identical samples in one batch get identical masks
+uninterrupted run drew. Two identical samples in one batch get identical masks. Rows are taken as
+right-padded (draws are indexed from the row's first position), and a packed row is one sample
 (docs/design.md#determinism).
 """
 
