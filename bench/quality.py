@@ -346,7 +346,7 @@ def run_one(mode: Mode, method: str, seed: int, out: Path, shared: Path, device:
 
 # ------------------------------------------------------------------------------------- report
 
-def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
     values = [v for v in values if v is not None]
     if not values:
         return None, None
@@ -361,7 +361,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
     for method in [m for m in METHODS if any(r["method"] == m for r in records)]:
         runs = [r for r in records if r["method"] == method]
         summary[method] = {"label": METHODS[method]["label"], "runs": len(runs),
-                           **{key: _mean_std([r.get(key) for r in runs]) for key in keys}}
+                           **{key: mean_std([r.get(key) for r in runs]) for key in keys}}
     return summary
 
 

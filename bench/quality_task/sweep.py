@@ -304,17 +304,11 @@ def run_one(regime: Regime, cell: Cell, seed: int, out: Path, base: Mapping[str,
 
 # -------------------------------------------------------------------------------------- report
 
-def _mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     keys = ("test_final", "val_final", "test_final_strict", "test_final_flexible", "test_at_chosen", "val_at_chosen",
             "val_chosen_epoch", "test_peak", "test_peak_epoch", "step_acc_teacher_forced_final", "final_ce",
             "final_divergence", "train_seconds")
+    _mean_std = _quality().mean_std  # one definition, in bench/quality.py
     summary: dict[str, dict[str, Any]] = {}
     for name in [c for c in CELLS if any(r["cell"] == c for r in records)]:
         runs = [r for r in records if r["cell"] == name]
