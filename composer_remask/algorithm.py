@@ -29,7 +29,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from composer_remask.batch import COUNTS_PASSES_ATTR, DIVERGENCE_MASK_KEY, TOKEN_ROLES_KEY, forward_passes
+from composer_remask.batch import DIVERGENCE_MASK_KEY, TOKEN_ROLES_KEY, forward_passes
 from composer_remask.lean_path import (
     LOSS_IMPLS,
     HiddenStateCapture,
@@ -48,7 +48,7 @@ from composer_remask.normalization import (
     microbatch_scales,
 )
 from composer_remask.prepared_batch import check_batch, forward_batch, microbatch_problem, prepare_batch
-from composer_remask.runtime import run_length_in_batches, unwrap_ddp
+from composer_remask.runtime import PassCountingFlops, run_length_in_batches, unwrap_ddp
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,6 @@ def _check_finite_in(name: str, value: float, low: float, high: float | None = N
         bounds = f"in [{low:g}, {high:g}]" if high is not None else f"a finite number >= {low:g}"
         raise ValueError(f"ReMask: {name} must be {bounds}, got {value!r}")
     return value
-
-
-# Marks the flops_per_batch wrapper ReMask installs for a fit, and holds the one-pass count it wraps.
-_ONE_PASS_ATTR = "remask_one_pass_flops"
 
 
 class ReMask(Algorithm):
@@ -151,7 +147,7 @@ class ReMask(Algorithm):
         self._impl = "logits"
         self._capture = HiddenStateCapture()
         self._probe = WeightingProbe()
-        self._patched_flops: Any = None
+        self._flops = PassCountingFlops()
         self._warned_no_roles = self._warned_fallback = False
         self._inputs: tuple[dict[str, Any], dict[str, tuple[torch.Tensor, int]]] | None = None
         self._counts = GlobalCounts(0.0, 0.0, 0.0, 0.0, 0.0)  # per batch
@@ -193,7 +189,7 @@ class ReMask(Algorithm):
         elif event == Event.AFTER_TRAIN_BATCH:
             self._check_every_row_trained()
         elif event == Event.FIT_END:
-            self._restore_flops()
+            self._flops.restore()
             self._capture.remove()
 
     def state_dict(self) -> dict[str, Any]:
@@ -226,28 +222,8 @@ class ReMask(Algorithm):
     def _fit_start(self, state: State) -> None:
         if self._seed is None:  # not restored from a checkpoint: state.rank_zero_seed is final now
             self._seed = int(self.seed) if self.seed is not None else int(state.rank_zero_seed)
-        model = self._composer_model
-        counts_itself = getattr(model, COUNTS_PASSES_ATTR, False)
-        if self.two_pass and not counts_itself and callable(getattr(model, "flops_per_batch", None)):
-            # A wrapper left by a fit that raised (FIT_END never came) is unwrapped, never wrapped again.
-            one_pass = getattr(model.flops_per_batch, _ONE_PASS_ATTR, model.flops_per_batch)
-            own = vars(model).get("flops_per_batch")
-            self._patched_flops = (model, None if own is None or hasattr(own, _ONE_PASS_ATTR) else own)
-
-            def flops_per_batch(batch: Any) -> float:
-                return forward_passes(batch) * one_pass(batch)
-
-            setattr(flops_per_batch, _ONE_PASS_ATTR, one_pass)
-            model.flops_per_batch = flops_per_batch
-
-    def _restore_flops(self) -> None:
-        if self._patched_flops is None:
-            return
-        (model, own), self._patched_flops = self._patched_flops, None
-        if own is not None:
-            model.flops_per_batch = own
-        else:
-            vars(model).pop("flops_per_batch", None)
+        if self.two_pass:
+            self._flops.install(self._composer_model)
 
     # ------------------------------------------------------------------------------- BATCH_START
 

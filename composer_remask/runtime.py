@@ -1,11 +1,19 @@
-"""Facts read off a running Composer Trainer, defined once: the run length, the model under DDP."""
+"""Facts read off a running Composer Trainer, defined once: the run length, the model under DDP,
+and the FLOP count of the passes a batch really runs."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from composer.core import State, TimeUnit
 
-__all__ = ["run_length_in_batches", "unwrap_ddp"]
+from composer_remask.batch import COUNTS_PASSES_ATTR, forward_passes
+
+__all__ = ["PassCountingFlops", "run_length_in_batches", "unwrap_ddp"]
+
+# Marks the flops_per_batch wrapper installed for a fit, and holds the one-pass count it wraps.
+_ONE_PASS_ATTR = "remask_one_pass_flops"
 
 
 def run_length_in_batches(state: State) -> int | None:
@@ -30,3 +38,37 @@ def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
     while isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
     return model
+
+
+class PassCountingFlops:
+    """For one fit, a model's ``flops_per_batch`` counts every pass a batch runs (``forward_passes``).
+
+    Models that count the passes themselves (``COUNTS_PASSES_ATTR``) are left alone. The wrapper
+    is removed by :meth:`restore`; one left by a fit that raised is unwrapped, never wrapped again,
+    and counts right meanwhile since it reads the batch.
+    """
+
+    def __init__(self) -> None:
+        self._installed: tuple[Any, Any] | None = None
+
+    def install(self, model: Any) -> None:
+        if getattr(model, COUNTS_PASSES_ATTR, False) or not callable(getattr(model, "flops_per_batch", None)):
+            return
+        one_pass = getattr(model.flops_per_batch, _ONE_PASS_ATTR, model.flops_per_batch)
+        own = vars(model).get("flops_per_batch")
+        self._installed = (model, None if own is None or hasattr(own, _ONE_PASS_ATTR) else own)
+
+        def flops_per_batch(batch: Any) -> float:
+            return forward_passes(batch) * one_pass(batch)
+
+        setattr(flops_per_batch, _ONE_PASS_ATTR, one_pass)
+        model.flops_per_batch = flops_per_batch
+
+    def restore(self) -> None:
+        if self._installed is None:
+            return
+        (model, own), self._installed = self._installed, None
+        if own is not None:
+            model.flops_per_batch = own
+        else:
+            vars(model).pop("flops_per_batch", None)
