@@ -12,9 +12,9 @@ Divergences live in one registry, ``DIVERGENCE_SPECS``: a new divergence is one 
 of the two rows of log-probabilities plus one row there. A closed-form logit gradient is optional;
 without one, the logits' gradient comes from autograd, block of rows by block of rows.
 
-Correctness is pinned by ``reference_loss`` in ``tests/test_loss.py`` (the textbook formulas in
+Correctness is pinned by ``reference_loss`` in ``tests/helpers/reference_loss.py`` (the textbook formulas in
 float64 on full tensors, no chunking and no gathering) and end to end, through a Trainer step, by
-``tests/test_algorithm.py -k independent``.
+``tests/remask/test_algorithm.py -k independent``.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from composer_remask.data.fixtures import tinycot_rows, write_jsonl
 from composer_remask.data.shards import read_mds_samples
 from composer_remask.data.sources import DataError, SourceSpec
 from composer_remask.data.writer import StreamWeight, build_corpus, parse_stream_weight
-from tests.data.helpers import PATIENCE_S
 from tests.helpers.assets import TINY_TOKENIZER
+from tests.helpers.role_spans import PATIENCE_S
 
 # ------------------------------------------------------------------------------ processes (/proc)
 

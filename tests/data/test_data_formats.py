@@ -31,7 +31,7 @@ from composer_remask.data.formats import (
     format_cot_prompt,
 )
 from composer_remask.data.tokenizer import add_remask_tokens
-from tests.data.helpers import EOS, decoded_spans, expected_chat_spans, expected_cot_spans
+from tests.helpers.role_spans import EOS, decoded_spans, expected_chat_spans, expected_cot_spans
 
 
 def test_cot_roles_decode_to_the_template_pieces(asset_tokenizer):

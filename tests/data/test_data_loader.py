@@ -117,7 +117,7 @@ def test_composer_trainer_with_remask_trains_on_the_built_corpus(asset_tokenizer
     from transformers import StableLmForCausalLM
 
     from composer_remask import ReMask
-    from tests.conftest import tiny_stablelm_config
+    from tests.helpers.tiny_model import tiny_stablelm_config
 
     torch.manual_seed(0)
     model = HuggingFaceModel(StableLmForCausalLM(tiny_stablelm_config(len(asset_tokenizer))),

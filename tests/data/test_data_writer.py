@@ -38,8 +38,8 @@ from composer_remask.data.writer import (
     parse_stream_weight,
     streams_yaml,
 )
-from tests.data.helpers import PATIENCE_S, decoded_spans, expected_spans_of_row
 from tests.helpers.assets import TINY_TOKENIZER
+from tests.helpers.role_spans import PATIENCE_S, decoded_spans, expected_spans_of_row
 
 FIXTURE_KINDS = {"tinycot": "tinycot", "oasst2": "oasst2", "oasst2_parquet": "oasst2", "reddit": "reddit",
                  "generic": "jsonl"}

@@ -13,7 +13,7 @@ from composer_remask.foundry import RemaskTokenizer, build_remask_dataloader, lo
 from composer_remask.train import load_config
 from composer_remask.train.builders import build_tokenizer, load_tokenizer, validate_sections
 from tests.foundry.conftest import OWN_SPECIAL_TOKEN
-from tests.train.helpers import TINY_RECIPE
+from tests.helpers.recipes import TINY_RECIPE
 
 
 def _has_remask_tokens_and_its_own(tokenizer: PreTrainedTokenizerBase) -> None:

@@ -21,15 +21,15 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from composer_remask import ReMask  # noqa: E402
 from composer_remask.data.tokenizer import train_tiny_tokenizer  # noqa: E402
-from tests.conftest import _TEXT  # noqa: E402
 from tests.helpers.synthetic import CoTDataset, collate  # noqa: E402
-from tests.test_algorithm import build_model  # noqa: E402
+from tests.helpers.tiny_model import TINY_TEXT  # noqa: E402
+from tests.helpers.training import build_model  # noqa: E402
 
 GLOBAL_BATCH = 4
 
 
 def main(out: str) -> None:
-    tokenizer = train_tiny_tokenizer(_TEXT, 400)
+    tokenizer = train_tiny_tokenizer(TINY_TEXT, 400)
     data = CoTDataset(tokenizer, 12)
     world = dist.get_world_size()
     sampler = None if world == 1 else dist.get_sampler(data, shuffle=False)  # interleaved across ranks

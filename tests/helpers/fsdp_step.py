@@ -28,12 +28,12 @@ from transformers.models.stablelm.modeling_stablelm import StableLmDecoderLayer 
 from composer_remask import ReMask  # noqa: E402
 from composer_remask.data.tokenizer import train_tiny_tokenizer  # noqa: E402
 from composer_remask.train.model import ComposerCausalLM  # noqa: E402
-from tests.conftest import _TEXT, tiny_stablelm_config  # noqa: E402
 from tests.helpers.synthetic import CoTDataset, collate  # noqa: E402
+from tests.helpers.tiny_model import TINY_TEXT, tiny_stablelm_config  # noqa: E402
 
 
 def one_step(wrap: bool, use_orig_params: bool):
-    tokenizer = train_tiny_tokenizer(_TEXT, 400)
+    tokenizer = train_tiny_tokenizer(TINY_TEXT, 400)
     torch.manual_seed(0)
     model = ComposerCausalLM(StableLmForCausalLM(tiny_stablelm_config(len(tokenizer))), tokenizer,
                              train_metrics=False)

@@ -31,7 +31,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # noqa: E40
 from torch.distributed.fsdp.wrap import CustomPolicy  # noqa: E402
 
 from composer_remask.train.builders import hf_causal_lm, load_tokenizer  # noqa: E402
-from tests.train.helpers import TINY_TOKENIZER  # noqa: E402
+from tests.helpers.assets import TINY_TOKENIZER  # noqa: E402
 
 RANKS_PER_NODE = 2
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.train.helpers import TINY_TOKENIZER
+from tests.helpers.assets import TINY_TOKENIZER
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from composer_remask.train.builders import (
     build_tokenizer,
     validate_sections,
 )
-from tests.train.helpers import REPO, TINY_RECIPE, TINY_TOKENIZER, tiny_overrides
+from tests.helpers.recipes import REPO, TINY_RECIPE, TINY_TOKENIZER, tiny_overrides
 
 # StableLM-3B-4e1t's architecture (its model card and config.json): 2,795,443,200 parameters.
 STABLELM_3B = dict(vocab_size=50304, hidden_size=2560, intermediate_size=6912, num_hidden_layers=32,

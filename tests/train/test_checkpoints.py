@@ -20,21 +20,7 @@ from composer_remask.train.checkpoints import (
     recover_save_folder,
     safe_loading,
 )
-
-
-class WritesAFile:
-    """Unpickling this object runs code: it creates ``marker`` (a stand-in for anything worse)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def crafted_checkpoint(path: Path, marker: Path) -> Path:
-    torch.save({"state": {"model": {"model.w": torch.zeros(2)}, "x": WritesAFile(marker)}, "rng": None}, path)
-    return path
+from tests.helpers.checkpoints import WritesAFile, crafted_checkpoint
 
 
 def composer_like_checkpoint(path: Path, batch: int) -> Path:

@@ -18,7 +18,7 @@ from composer_remask.train.builders import (
     validate_sections,
 )
 from composer_remask.train.run import import_code_paths
-from tests.train.helpers import REPO, TINY_RECIPE, TINY_TOKENIZER
+from tests.helpers.recipes import REPO, TINY_RECIPE, TINY_TOKENIZER
 
 RECIPES = sorted((REPO / "yamls").glob("*.yaml"))
 

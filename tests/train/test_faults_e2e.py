@@ -8,12 +8,12 @@ import os
 import pytest
 import torch
 
-from tests.train.helpers import REPO, TINY_RECIPE, run_train, tiny_overrides
-from tests.train.test_checkpoints import crafted_checkpoint
+from tests.helpers.checkpoints import crafted_checkpoint
+from tests.helpers.recipes import REPO, TINY_RECIPE, run_train, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
-PLUGIN = REPO / "tests" / "train" / "crash_plugin.py"
+PLUGIN = REPO / "tests" / "helpers" / "crash_plugin.py"
 
 
 def test_killed_while_saving_resumes_from_the_previous_checkpoint(sample_corpus, tmp_path):

@@ -22,8 +22,8 @@ from composer_remask.train.builders import (
     load_tokenizer,
     validate_sections,
 )
-from tests.conftest import tiny_stablelm_config
-from tests.train.helpers import REPO, TINY_RECIPE, TINY_TOKENIZER
+from tests.helpers.recipes import REPO, TINY_RECIPE, TINY_TOKENIZER
+from tests.helpers.tiny_model import tiny_stablelm_config
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from composer_remask.train import load_config
 from composer_remask.train import run as run_module
 from composer_remask.train.config import ConfigError
 from composer_remask.train.preflight import validate_recipe
-from tests.train.helpers import TINY_RECIPE, tiny_overrides
+from tests.helpers.recipes import TINY_RECIPE, tiny_overrides
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from composer_remask.export import export_checkpoint
 from composer_remask.export import main as export_main
-from tests.train.helpers import REPO, TINY_RECIPE, run_train, tiny_overrides
+from tests.helpers.recipes import REPO, TINY_RECIPE, run_train, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,7 @@ def test_killed_run_resumes_where_it_stopped(sample_corpus, tmp_path):
     """A run SIGKILLed at batch 5 (last checkpoint: batch 3) resumes with autoresume and ends with
     the same weights as a run that was never interrupted."""
     common = dict(max_duration="8ba", save_interval="3ba", eval_loader="null")
-    plugin = REPO / "tests" / "train" / "crash_plugin.py"
+    plugin = REPO / "tests" / "helpers" / "crash_plugin.py"
 
     killed_dir = tmp_path / "killed"
     crash = [f"code_paths=[{plugin}]", "callbacks.kill_at_batch={batch: 5}"]

@@ -28,6 +28,7 @@ from composer_remask.pretrained import (  # noqa: E402
     tokenizer_from_gguf,
 )
 from tests.helpers.assets import TINY_TOKENIZER  # noqa: E402
+from tests.helpers.recipes import TINY_RECIPE  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]   # ids 0, 1, 2 as in SmolLM2
 BOS_ID, EOS_ID = 1, 2
@@ -246,9 +247,6 @@ def test_eos_guard_names_both_values(tiny_gguf, tmp_path: Path) -> None:
     manifest.write_text(json.dumps({"tokenizer": {"name": "other", "eos_token": "<|im_start|>", "eos_token_id": 1}}))
     with pytest.raises(EOSMismatchError, match=r"manifest.json: field tokenizer.eos_token_id.*id 1.*id 2"):
         check_eos_agreement(tokenizer, _Config(EOS_ID), [manifest])
-
-
-TINY_RECIPE = Path(__file__).resolve().parents[1] / "yamls" / "tiny_cpu.yaml"
 
 
 @pytest.fixture(scope="module")

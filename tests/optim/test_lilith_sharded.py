@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,16 +10,9 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from composer_remask.optim import Lilith
+from tests.helpers.lilith_cases import free_port, seeded_tensors
 
 pytestmark = pytest.mark.dist
-
-SHAPES = [(4, 6), (6,), (1,)]  # a matrix, a vector, and a (1,) tensor whose ratio is skipped
-
-
-def _tensors(seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in SHAPES]
-
 
 def _shard(tensor: torch.Tensor, rank: int) -> torch.Tensor:
     """FSDP-like: the flattened tensor split in two contiguous halves (rank 1 may get nothing)."""
@@ -33,10 +25,10 @@ def _worker(rank: int, port: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch_dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        params = [torch.nn.Parameter(_shard(t, rank)) for t in _tensors(0)]
+        params = [torch.nn.Parameter(_shard(t, rank)) for t in seeded_tensors(0)]
         optimizer = Lilith(params, lr=0.05, sharded=True)
         for step in range(3):
-            for param, grad in zip(params, _tensors(100 + step)):
+            for param, grad in zip(params, seeded_tensors(100 + step)):
                 shard = _shard(grad, rank)
                 param.grad = shard if shard.numel() else None
             optimizer.step()
@@ -45,23 +37,17 @@ def _worker(rank: int, port: int, out: dict) -> None:
         torch_dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_sharded_lilith_matches_whole_tensors():
-    whole = [torch.nn.Parameter(t) for t in _tensors(0)]
+    whole = [torch.nn.Parameter(t) for t in seeded_tensors(0)]
     optimizer = Lilith(whole, lr=0.05)
     for step in range(3):
-        for param, grad in zip(whole, _tensors(100 + step)):
+        for param, grad in zip(whole, seeded_tensors(100 + step)):
             param.grad = grad
         optimizer.step()
 
     manager = mp.Manager()
     out = manager.dict()
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
     for index, param in enumerate(whole):
         gathered = torch.cat([out[0][index], out[1][index]])
         torch.testing.assert_close(gathered, param.detach().reshape(-1), rtol=1e-10, atol=1e-12)
@@ -69,11 +55,11 @@ def test_sharded_lilith_matches_whole_tensors():
 
 def test_shards_without_sharded_flag_differ():
     """Guard: per-shard norms give a different trust ratio, which the flag exists to avoid."""
-    whole = torch.nn.Parameter(_tensors(0)[0])
-    half = torch.nn.Parameter(_shard(_tensors(0)[0], 0))
+    whole = torch.nn.Parameter(seeded_tensors(0)[0])
+    half = torch.nn.Parameter(_shard(seeded_tensors(0)[0], 0))
     whole_opt, half_opt = Lilith([whole], lr=0.05), Lilith([half], lr=0.05)
     for step in range(3):
-        grad = _tensors(100 + step)[0]
+        grad = seeded_tensors(100 + step)[0]
         whole.grad, half.grad = grad, _shard(grad, 0)
         whole_opt.step()
         half_opt.step()

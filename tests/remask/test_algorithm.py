@@ -9,57 +9,14 @@ import torch
 from composer import Trainer
 from composer.core import DataSpec
 from composer.loggers import InMemoryLogger
-from composer.metrics.nlp import LanguageCrossEntropy
-from composer.models import HuggingFaceModel
 from torch.utils.data import DataLoader
-from transformers import StableLmForCausalLM
 
 from composer_remask import ReMask
-from composer_remask.batch import batch_loss_tokens
 from composer_remask.data.tokenizer import train_tiny_tokenizer
-from tests.conftest import _TEXT, tiny_stablelm_config
 from tests.helpers.limits import CI_LIMIT_S
 from tests.helpers.synthetic import CoTDataset, collate
-
-
-def build_model(tokenizer, seed=0, metrics=True, vocab_size=None):
-    torch.manual_seed(seed)
-    hf = StableLmForCausalLM(tiny_stablelm_config(vocab_size or len(tokenizer)))
-    return HuggingFaceModel(hf, tokenizer=tokenizer, use_logits=True,
-                            metrics=[LanguageCrossEntropy()] if metrics else None)
-
-
-def token_data_spec(loader):
-    """A DataSpec that reports loss-generating tokens, as composer_remask's loaders do."""
-    return DataSpec(loader, get_num_tokens_in_batch=lambda b: {
-        "total": int(b["attention_mask"].sum()), "loss_generating": batch_loss_tokens(b)})
-
-
-def run(tokenizer, algorithms, *, microbatch=4, batch=4, n=8, duration="1ba", seed=0, metrics=True,
-        on_tokens=False, token_spec=False, dataset=None, lr=0.5, **trainer_kwargs):
-    model = build_model(tokenizer, seed, metrics)
-    loader = DataLoader(dataset if dataset is not None else CoTDataset(tokenizer, n), batch_size=batch,
-                        collate_fn=collate)
-    logger = InMemoryLogger()
-    trainer = Trainer(
-        model=model, train_dataloader=token_data_spec(loader) if token_spec else loader,
-        optimizers=torch.optim.SGD(model.parameters(), lr=lr), max_duration=duration, algorithms=algorithms,
-        loggers=[logger], device="cpu", device_train_microbatch_size=microbatch, progress_bar=False,
-        seed=seed, accumulate_train_batch_on_tokens=on_tokens, **trainer_kwargs)
-    trainer.fit()
-    return trainer, model, logger
-
-
-def logged(logger, key):
-    return [float(v) for _, v in logger.data[key]]
-
-
-def weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def max_weight_diff(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
+from tests.helpers.tiny_model import TINY_TEXT
+from tests.helpers.training import build_model, logged, max_weight_diff, run, weights
 
 
 @pytest.mark.parametrize("impl", ["hidden", "logits"])
@@ -204,8 +161,8 @@ def test_batch_without_any_label_is_finite(tiny_tokenizer):
 
 
 def test_missing_mask_token_is_a_clear_error():
-    plain = train_tiny_tokenizer(_TEXT, 300, with_remask_tokens=False)
-    with_tags = train_tiny_tokenizer(_TEXT, 300)
+    plain = train_tiny_tokenizer(TINY_TEXT, 300, with_remask_tokens=False)
+    with_tags = train_tiny_tokenizer(TINY_TEXT, 300)
     loader = DataLoader(CoTDataset(with_tags, 4), batch_size=4, collate_fn=collate)
     with pytest.raises(ValueError, match="no <\\|mask\\|> token.*add_remask_tokens"):
         Trainer(model=build_model(plain), train_dataloader=loader, max_duration="1ba", algorithms=[ReMask()],
@@ -266,7 +223,7 @@ def test_two_processes_match_one_process(tmp_path):
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     script = repo / "tests" / "helpers" / "dist_train.py"
     env = {**os.environ, "PYTHONPATH": str(repo)}
     composer_bin = Path(sys.executable).with_name("composer")
@@ -287,7 +244,7 @@ def test_two_processes_match_one_process(tmp_path):
 def test_one_step_matches_an_independent_reference(tiny_tokenizer, divergence):
     """Trainer + ReMask (label drops, 2 microbatches) == textbook loss on the same masks, by autograd."""
     from composer_remask.masking import MaskVocabulary, remask_batch
-    from tests.test_loss import reference_loss
+    from tests.helpers.reference_loss import reference_loss
 
     kwargs = dict(mask_prob=0.5, weight=0.7, divergence=divergence, rationale_label_drop_prob=0.3,
                   answer_only_prob=0.3, seed=21)
@@ -344,7 +301,7 @@ def test_fsdp_full_shard_step_matches_the_unwrapped_model(tmp_path, use_orig_par
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "diff"
     port = "29541" if use_orig_params else "29542"
     subprocess.run([str(Path(sys.executable).with_name("composer")), "-n", "2", "--master_port", port,

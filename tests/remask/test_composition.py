@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from composer_remask import ReMask
 from composer_remask.batch import forward_passes
 from tests.helpers.synthetic import CoTDataset, collate
-from tests.test_algorithm import build_model, logged, max_weight_diff, run, weights
+from tests.helpers.training import build_model, logged, max_weight_diff, run, weights
 
 NO_LABEL_RULES = dict(rationale_label_drop_prob=0.0, answer_only_prob=0.0)
 
@@ -210,7 +210,7 @@ def test_flops_count_both_passes_only_while_remask_trains(tiny_tokenizer):
     torch.manual_seed(0)
     from transformers import StableLmForCausalLM
 
-    from tests.conftest import tiny_stablelm_config
+    from tests.helpers.tiny_model import tiny_stablelm_config
 
     model = FlopsModel(StableLmForCausalLM(tiny_stablelm_config(len(tiny_tokenizer))), tokenizer=tiny_tokenizer,
                        use_logits=True)
@@ -228,7 +228,7 @@ def test_projects_model_counts_passes_through_the_batch(tiny_tokenizer):
     from transformers import StableLmForCausalLM
 
     from composer_remask.train.model import ComposerCausalLM
-    from tests.conftest import tiny_stablelm_config
+    from tests.helpers.tiny_model import tiny_stablelm_config
 
     model = ComposerCausalLM(StableLmForCausalLM(tiny_stablelm_config(len(tiny_tokenizer))), tiny_tokenizer)
     assert _flops_fit(model, tiny_tokenizer, [ReMask()]) == pytest.approx([2 * _flops_fit(model, tiny_tokenizer, [])[0]])

@@ -10,7 +10,7 @@ import pytest
 from composer.algorithms import EMA, SWA, GradientClipping, SeqLengthWarmup
 
 from composer_remask import ReMask
-from tests.test_algorithm import logged, max_weight_diff, run, weights
+from tests.helpers.training import logged, max_weight_diff, run, weights
 
 OTHERS = {
     "alone": None,

@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 from composer_remask.optim import Lilith
 from composer_remask.train import ConfigError, load_config
 from composer_remask.train.builders import build_optimizer, validate_sections
-from tests.train.helpers import REPO
-from tests.train.test_lilith_sharded import _free_port, _tensors
+from tests.helpers.lilith_cases import free_port, seeded_tensors
+from tests.helpers.recipes import REPO
 
 pytestmark = pytest.mark.dist
 
@@ -23,10 +23,10 @@ def _replica_worker(rank: int, port: int, replicas: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch_dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        params = [torch.nn.Parameter(t.clone()) for t in _tensors(0)]
+        params = [torch.nn.Parameter(t.clone()) for t in seeded_tensors(0)]
         optimizer = Lilith(params, lr=0.05, sharded=True, replicas=replicas)
         for step in range(3):
-            for param, grad in zip(params, _tensors(100 + step)):
+            for param, grad in zip(params, seeded_tensors(100 + step)):
                 param.grad = grad.clone()
             optimizer.step()
         out[rank] = [p.detach().clone() for p in params]
@@ -35,10 +35,10 @@ def _replica_worker(rank: int, port: int, replicas: int, out: dict) -> None:
 
 
 def _whole_tensor_steps() -> list[torch.Tensor]:
-    whole = [torch.nn.Parameter(t) for t in _tensors(0)]
+    whole = [torch.nn.Parameter(t) for t in seeded_tensors(0)]
     optimizer = Lilith(whole, lr=0.05)
     for step in range(3):
-        for param, grad in zip(whole, _tensors(100 + step)):
+        for param, grad in zip(whole, seeded_tensors(100 + step)):
             param.grad = grad
         optimizer.step()
     return [p.detach() for p in whole]
@@ -49,7 +49,7 @@ def test_replicated_shards_match_whole_tensors_only_when_counted_once(replicas):
     """replicas=2 is exact; replicas=1 counts the (1,) tensor as 2 elements and gives it a trust ratio."""
     expected = _whole_tensor_steps()
     out = mp.Manager().dict()
-    mp.spawn(_replica_worker, args=(_free_port(), replicas, out), nprocs=2, join=True)
+    mp.spawn(_replica_worker, args=(free_port(), replicas, out), nprocs=2, join=True)
     for rank in range(2):
         matches = [torch.allclose(got, want, rtol=1e-10, atol=1e-12) for got, want in zip(out[rank], expected)]
         assert all(matches) == (replicas == 2), matches
