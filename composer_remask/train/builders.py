@@ -30,6 +30,7 @@ from composer_remask.data.tokenizer import load_tokenizer
 from composer_remask.train import registry
 from composer_remask.train.config import ConfigError, TrainConfig, check_kwargs, check_type
 from composer_remask.train.model import ComposerCausalLM, causal_lm_on_meta
+from composer_remask.train.transforms import HYBRID_STRATEGIES, check_hybrid_degrees
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,6 @@ __all__ = [
     "hf_causal_lm", "validate_sections",
 ]
 
-SHARDING_STRATEGIES_WITH_WHOLE_RANK_SHARDS = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
-HYBRID_STRATEGIES = ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")  # shards within a node, replicas across nodes
 # Values Composer's FSDP (v1) accepts, checked here so a typo fails before the model loads.
 # Composer upper-cases sharding_strategy and backward_prefetch, but compares the other two as written.
 FSDP_CHOICES = {
@@ -232,46 +231,11 @@ def _lookup(reg: registry.Registry, name: str, where: str) -> Any:
         raise ConfigError(f"{where}: {error}") from None
 
 
-def lilith_is_sharded(cfg: TrainConfig, use_fsdp: bool) -> bool:
-    """Whether Lilith must all-reduce its trust-ratio norms (FSDP shards every tensor across ranks)."""
-    if not use_fsdp or not cfg.fsdp_config:
-        return False
-    strategy = str(cfg.fsdp_config.get("sharding_strategy", "FULL_SHARD")).upper()
-    if strategy in HYBRID_STRATEGIES:
-        _check_hybrid_degrees(cfg)  # Lilith divides the summed norms by the replicas (lilith_replicas)
-    elif strategy not in SHARDING_STRATEGIES_WITH_WHOLE_RANK_SHARDS:
-        raise ConfigError(f"{cfg.where('fsdp_config.sharding_strategy')}: Lilith needs whole-tensor norms; "
-                          f"{strategy} is not supported with it, use FULL_SHARD or SHARD_GRAD_OP")
-    if not cfg.fsdp_config.get("use_orig_params", True):
-        raise ConfigError(f"{cfg.where('fsdp_config.use_orig_params')}: Lilith works per tensor and needs "
-                          "use_orig_params: true")
-    return strategy != "NO_SHARD"
-
-
-def _check_hybrid_degrees(cfg: TrainConfig) -> None:
-    """HSDP needs a 2-D mesh: without a replicate degree Composer quietly falls back to FULL_SHARD."""
-    assert cfg.fsdp_config is not None
-    strategy = str(cfg.fsdp_config.get("sharding_strategy")).upper()
-    replicas = cfg.fsdp_config.get("data_parallel_replicate_degree")
-    if not isinstance(replicas, int) or replicas < 1:
-        raise ConfigError(f"{cfg.where('fsdp_config.data_parallel_replicate_degree')}: {strategy} is not supported "
-                          "without it: set it to the number of nodes (and data_parallel_shard_degree to the GPUs "
-                          "per node)")
-
-
-def lilith_replicas(cfg: TrainConfig) -> int:
-    """Identical copies of each shard in the default process group: the replicate degree under HSDP, else 1."""
-    strategy = str((cfg.fsdp_config or {}).get("sharding_strategy", "FULL_SHARD")).upper()
-    return int(cfg.fsdp_config["data_parallel_replicate_degree"]) if strategy in HYBRID_STRATEGIES else 1
-
-
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, use_fsdp: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The optimizer section as written; arguments that follow from FSDP are filled in before
+    (:func:`composer_remask.train.transforms.apply_cross_section_rules`)."""
     name, kwargs = _name_and_kwargs(cfg.optimizer, cfg.where("optimizer"))
     optimizer_class = _lookup(registry.optimizers, name, cfg.where("optimizer.name"))
-    if name == "lilith" and "sharded" not in kwargs:
-        kwargs["sharded"] = lilith_is_sharded(cfg, use_fsdp)
-        if kwargs["sharded"] and "replicas" not in kwargs:
-            kwargs["replicas"] = lilith_replicas(cfg)
     return optimizer_class(model.parameters(), **kwargs)
 
 
@@ -382,9 +346,7 @@ def validate_sections(cfg: TrainConfig, cuda_available: bool | None = None) -> N
             if allowed and written not in allowed:
                 raise ConfigError(f"{where}: {value!r} is not one of {', '.join(allowed)}")
         if str(cfg.fsdp_config.get("sharding_strategy", "")).upper() in HYBRID_STRATEGIES:
-            _check_hybrid_degrees(cfg)
-        if cfg.optimizer.get("name") == "lilith":
-            lilith_is_sharded(cfg, use_fsdp=True)
+            check_hybrid_degrees(cfg)
 
     if not cuda_available and cfg.precision != "fp32":
         raise ConfigError(f"{cfg.where('precision')}: {cfg.precision!r} needs a CUDA GPU; on CPU use "

@@ -1,6 +1,7 @@
 """``composer train.py RECIPE.yaml [key=value ...]``: the whole training story, top to bottom.
 
-1. read and validate the recipe (nothing heavy yet): every section, the algorithms, optimizer and
+1. read the recipe, fill in the arguments one section takes from another (``transforms.py``), and
+   validate it (nothing heavy yet): every section, the algorithms, optimizer and
    schedule constructed once, the tokenizer, and the corpus manifest against the recipe;
 2. data, model, optimizer, schedule, algorithms, callbacks, loggers;
 3. ``Trainer.fit()`` with checkpoints and autoresume (unreadable checkpoints left by a crash are moved
@@ -45,6 +46,7 @@ from composer_remask.train.preflight import (
     validate_recipe,
 )
 from composer_remask.train.report import RunReport, RunSummary, latest_checkpoint
+from composer_remask.train.transforms import apply_cross_section_rules
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ def import_code_paths(paths: Sequence[str], where: str = "code_paths") -> None:
 def build_trainer(cfg: TrainConfig) -> tuple[Trainer, RunReport]:
     """Every object of the recipe, then the Trainer (which starts the process group)."""
     import_code_paths(cfg.code_paths or [], cfg.where("code_paths"))
+    cfg = apply_cross_section_rules(cfg)
     validate_recipe(cfg)
     install_safe_loading(trusted=cfg.trust_checkpoint_pickle)
     reproducibility.seed_all(cfg.seed)  # random-init weights depend on the recipe's seed
@@ -81,7 +84,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[Trainer, RunReport]:
     parallelism_config = build_parallelism_config(cfg)
     model = build_model(cfg, tokenizer)
     check_training_eos(cfg, tokenizer, model.model.config)  # refuse an EOS the model or corpus does not share
-    optimizer = build_optimizer(cfg, model, use_fsdp=parallelism_config is not None)
+    optimizer = build_optimizer(cfg, model)
     report = RunReport(cfg.console_log_interval)
 
     try:

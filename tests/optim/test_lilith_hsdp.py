@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from composer_remask.optim import Lilith
 from composer_remask.train import ConfigError, load_config
 from composer_remask.train.builders import build_optimizer, validate_sections
+from composer_remask.train.transforms import apply_cross_section_rules
 from tests.helpers.lilith_cases import free_port, seeded_tensors
 from tests.helpers.recipes import REPO
 
@@ -59,8 +60,9 @@ def test_hsdp_recipe_builds_lilith_with_the_replicate_degree():
     cfg = load_config(REPO / "yamls" / "tiny_cpu.yaml", [
         "fsdp_config.sharding_strategy=HYBRID_SHARD", "fsdp_config.data_parallel_shard_degree=8",
         "fsdp_config.data_parallel_replicate_degree=2"])
+    cfg = apply_cross_section_rules(cfg, cuda_available=True)
     validate_sections(cfg, cuda_available=True)
-    optimizer = build_optimizer(cfg, torch.nn.Linear(2, 2), use_fsdp=True)
+    optimizer = build_optimizer(cfg, torch.nn.Linear(2, 2))
     assert (optimizer.sharded, optimizer.replicas) == (True, 2)
 
 

@@ -22,6 +22,7 @@ from composer_remask.train.builders import (
     build_tokenizer,
     validate_sections,
 )
+from composer_remask.train.transforms import apply_cross_section_rules
 from tests.helpers.recipes import REPO, TINY_RECIPE, TINY_TOKENIZER, tiny_overrides
 
 # StableLM-3B-4e1t's architecture (its model card and config.json): 2,795,443,200 parameters.
@@ -64,6 +65,7 @@ def test_3b_recipe_builds_on_cpu_without_weights(recipe, tmp_path):
     cfg = load_config(REPO / f"yamls/{recipe}.yaml", [
         f"model.pretrained_model_name_or_path={config_dir}", "model.pretrained=false",
         f"tokenizer.name={TINY_TOKENIZER}"])
+    cfg = apply_cross_section_rules(cfg, cuda_available=True)
     validate_sections(cfg, cuda_available=True)
     tokenizer = build_tokenizer(cfg)
     model = build_model(cfg, tokenizer, init_device="meta")
@@ -77,7 +79,7 @@ def test_3b_recipe_builds_on_cpu_without_weights(recipe, tmp_path):
     # PaLM: per token 6 N + 12 L d T; a 16 x 256 microbatch, one pass.
     batch = {"input_ids": torch.zeros(16, 256, dtype=torch.long)}
     assert model.flops_per_batch(batch) == (6 * 2_795_443_200 + 12 * 32 * 2560 * 256) * 16 * 256
-    optimizer = build_optimizer(cfg, model, use_fsdp=True)
+    optimizer = build_optimizer(cfg, model)
     assert isinstance(optimizer, Lilith) and optimizer.sharded
     algorithms = build_algorithms(cfg)
     assert algorithms[0].two_pass == (recipe != "sft_3b")

@@ -14,10 +14,10 @@ from composer_remask.train.builders import (
     build_batch_sizes,
     build_loaders,
     build_parallelism_config,
-    lilith_is_sharded,
     validate_sections,
 )
 from composer_remask.train.run import import_code_paths
+from composer_remask.train.transforms import apply_cross_section_rules, lilith_is_sharded
 from tests.helpers.recipes import REPO, TINY_RECIPE, TINY_TOKENIZER
 
 RECIPES = sorted((REPO / "yamls").glob("*.yaml"))
@@ -194,6 +194,23 @@ def test_fsdp_only_where_cuda_runs_it():
         assert build_parallelism_config(cfg, cuda_available=False) is None
     assert not lilith_is_sharded(cfg, use_fsdp=False)
 
+
+
+def test_lilith_follows_fsdp_once_before_validation():
+    """The optimizer section gets ``sharded``/``replicas`` from fsdp_config; written values are kept."""
+    cfg = load_config(REPO / "yamls/remask_3b.yaml")
+    on_gpus = apply_cross_section_rules(cfg, cuda_available=True)
+    assert (on_gpus.optimizer["sharded"], on_gpus.optimizer["replicas"]) == (True, 1)
+    assert "sharded" not in cfg.optimizer  # the loaded config is left as read
+    assert apply_cross_section_rules(cfg, cuda_available=False).optimizer["sharded"] is False
+    written = load_config(REPO / "yamls/remask_3b.yaml", ["optimizer.sharded=false"])
+    assert apply_cross_section_rules(written, cuda_available=True).optimizer["sharded"] is False
+    hybrid = load_config(REPO / "yamls/remask_3b.yaml", [
+        "fsdp_config.sharding_strategy=HYBRID_SHARD", "fsdp_config.data_parallel_replicate_degree=2"])
+    assert apply_cross_section_rules(hybrid, cuda_available=True).optimizer["replicas"] == 2
+    per_flat_buffer = load_config(REPO / "yamls/remask_3b.yaml", ["fsdp_config.use_orig_params=false"])
+    with pytest.raises(ConfigError, match=r"use_orig_params: Lilith works per tensor"):
+        apply_cross_section_rules(per_flat_buffer, cuda_available=False)  # refused before the GPUs are reached
 
 def test_batch_sizes_split_over_processes():
     cfg = load_config(REPO / "yamls/remask_3b.yaml")
