@@ -389,10 +389,24 @@ def _write_source(spec: SourceSpec, chunk_encoder: ChunkEncoder, dataset_dir: Pa
             raise BuildError(f"source {spec.name!r} ({spec.path}): no rows left to write "
                              f"(read {stats.rows_read}, skipped {dict(stats.rows_skipped)})")
     except BaseException:
-        writer.cancel_future_jobs()
+        cancel_quietly(writer)
         raise
     writer.finish()
     return stats
+
+
+def cancel_quietly(writer: Any) -> None:
+    """Cancel an MDS writer's pending jobs without a traceback on stderr.
+
+    Each cancelled future runs streaming's done-callback, which raises ``CancelledError``; that is
+    expected when a build stops, but ``concurrent.futures`` would log it as a traceback.
+    """
+    futures_log = logging.getLogger("concurrent.futures")
+    was_disabled, futures_log.disabled = futures_log.disabled, True
+    try:
+        writer.cancel_future_jobs()
+    finally:
+        futures_log.disabled = was_disabled
 
 
 def _manifest(tokenizer: PreTrainedTokenizerBase, tokenizer_name: str, max_seq_len: int,

@@ -345,3 +345,24 @@ def test_every_cli_error_is_prog_error_with_exit_status_2(fixture_files, tmp_pat
         main([*base, "--out", str(tmp_path / "d"), "--limit", "tinycot=-1"])
     assert exit_info.value.code == 2
     assert "remask-data build: error: argument --limit" in capsys.readouterr().err
+
+
+def test_cancelling_a_writer_with_pending_jobs_prints_no_traceback(tmp_path, caplog):
+    """Regression: SIGTERM under load printed concurrent.futures' 'exception calling callback' traceback."""
+    import threading
+
+    from streaming import MDSWriter
+
+    from composer_remask.data.writer import cancel_quietly
+
+    writer = MDSWriter(out=str(tmp_path / "mds"), columns={"x": "int"}, max_workers=1)
+    release = threading.Event()
+    running = writer.executor.submit(release.wait)
+    pending = [writer.executor.submit(lambda: None) for _ in range(3)]
+    for future in pending:
+        future.add_done_callback(writer.exception_callback)  # streaming's callback, as for its uploads
+    cancel_quietly(writer)
+    release.set()
+    running.result()
+    assert all(future.cancelled() for future in pending)
+    assert not [r for r in caplog.records if r.name == "concurrent.futures"]  # what reached stderr before
