@@ -1,4 +1,4 @@
-"""Seeded tensors and a free port for the Lilith tests that run several gloo processes."""
+"""Seeded tensors, the whole-tensor reference steps and a free port for the multi-process Lilith tests."""
 
 from __future__ import annotations
 
@@ -18,3 +18,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def whole_tensor_steps(steps: int = 3) -> list[torch.Tensor]:
+    """Lilith (lr 0.05) on the unsharded tensors for ``steps`` seeded gradients: the reference."""
+    from composer_remask.optim import Lilith
+
+    whole = [torch.nn.Parameter(t) for t in seeded_tensors(0)]
+    optimizer = Lilith(whole, lr=0.05)
+    for step in range(steps):
+        for param, grad in zip(whole, seeded_tensors(100 + step)):
+            param.grad = grad
+        optimizer.step()
+    return [p.detach() for p in whole]

@@ -13,7 +13,7 @@ from composer_remask.optim import Lilith
 from composer_remask.train import ConfigError, load_config
 from composer_remask.train.builders import build_optimizer, validate_sections
 from composer_remask.train.transforms import apply_cross_section_rules
-from tests.helpers.lilith_cases import free_port, seeded_tensors
+from tests.helpers.lilith_cases import free_port, seeded_tensors, whole_tensor_steps
 from tests.helpers.recipes import REPO
 
 pytestmark = pytest.mark.dist
@@ -35,20 +35,10 @@ def _replica_worker(rank: int, port: int, replicas: int, out: dict) -> None:
         torch_dist.destroy_process_group()
 
 
-def _whole_tensor_steps() -> list[torch.Tensor]:
-    whole = [torch.nn.Parameter(t) for t in seeded_tensors(0)]
-    optimizer = Lilith(whole, lr=0.05)
-    for step in range(3):
-        for param, grad in zip(whole, seeded_tensors(100 + step)):
-            param.grad = grad
-        optimizer.step()
-    return [p.detach() for p in whole]
-
-
 @pytest.mark.parametrize("replicas", [2, 1])
 def test_replicated_shards_match_whole_tensors_only_when_counted_once(replicas):
     """replicas=2 is exact; replicas=1 counts the (1,) tensor as 2 elements and gives it a trust ratio."""
-    expected = _whole_tensor_steps()
+    expected = whole_tensor_steps()
     out = mp.Manager().dict()
     mp.spawn(_replica_worker, args=(free_port(), replicas, out), nprocs=2, join=True)
     for rank in range(2):

@@ -10,7 +10,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
 from composer_remask.optim import Lilith
-from tests.helpers.lilith_cases import free_port, seeded_tensors
+from tests.helpers.lilith_cases import free_port, seeded_tensors, whole_tensor_steps
 
 pytestmark = pytest.mark.dist
 
@@ -38,19 +38,13 @@ def _worker(rank: int, port: int, out: dict) -> None:
 
 
 def test_sharded_lilith_matches_whole_tensors():
-    whole = [torch.nn.Parameter(t) for t in seeded_tensors(0)]
-    optimizer = Lilith(whole, lr=0.05)
-    for step in range(3):
-        for param, grad in zip(whole, seeded_tensors(100 + step)):
-            param.grad = grad
-        optimizer.step()
-
+    whole = whole_tensor_steps()
     manager = mp.Manager()
     out = manager.dict()
     mp.spawn(_worker, args=(free_port(), out), nprocs=2, join=True)
     for index, param in enumerate(whole):
         gathered = torch.cat([out[0][index], out[1][index]])
-        torch.testing.assert_close(gathered, param.detach().reshape(-1), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gathered, param.reshape(-1), rtol=1e-10, atol=1e-12)
 
 
 def test_shards_without_sharded_flag_differ():
