@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -47,18 +46,11 @@ from composer_remask.normalization import (
     declared_microbatch_weight,
     microbatch_scales,
 )
+from composer_remask.numbers import finite_number
 from composer_remask.prepared_batch import check_batch, forward_batch, microbatch_problem, prepare_batch
 from composer_remask.runtime import PassCountingFlops, run_length_in_batches, unwrap_ddp
 
 log = logging.getLogger(__name__)
-
-
-def _check_finite_in(name: str, value: float, low: float, high: float | None = None) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value < low or (high is not None and value > high):
-        bounds = f"in [{low:g}, {high:g}]" if high is not None else f"a finite number >= {low:g}"
-        raise ValueError(f"ReMask: {name} must be {bounds}, got {value!r}")
-    return value
 
 
 class ReMask(Algorithm):
@@ -113,12 +105,12 @@ class ReMask(Algorithm):
         loss_impl: str = "auto",
         chunk_rows: int | None = None,
     ) -> None:
-        self.mask_prob = _check_finite_in("mask_prob", mask_prob, 0.0, 1.0)
-        self.weight = _check_finite_in("weight", weight, 0.0)
-        self.rationale_label_drop_prob = _check_finite_in("rationale_label_drop_prob", rationale_label_drop_prob,
-                                                          0.0, 1.0)
-        self.answer_only_prob = _check_finite_in("answer_only_prob", answer_only_prob, 0.0, 1.0)
-        self.mask_prob_warmup = _check_finite_in("mask_prob_warmup", mask_prob_warmup, 0.0, 1.0)
+        self.mask_prob = finite_number(mask_prob, "ReMask: mask_prob", low=0.0, high=1.0)
+        self.weight = finite_number(weight, "ReMask: weight", low=0.0)
+        self.rationale_label_drop_prob = finite_number(rationale_label_drop_prob, "ReMask: rationale_label_drop_prob",
+                                                       low=0.0, high=1.0)
+        self.answer_only_prob = finite_number(answer_only_prob, "ReMask: answer_only_prob", low=0.0, high=1.0)
+        self.mask_prob_warmup = finite_number(mask_prob_warmup, "ReMask: mask_prob_warmup", low=0.0, high=1.0)
         for name, value, allowed in (("divergence", divergence, DIVERGENCES),
                                      ("mask_strategy", mask_strategy, MASK_STRATEGIES),
                                      ("loss_weighting", loss_weighting, LOSS_WEIGHTINGS),

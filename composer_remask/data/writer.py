@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -43,6 +42,7 @@ from composer_remask.batch import ROLE_NAMES
 from composer_remask.data.formats import RoleEncoder
 from composer_remask.data.pipeline import ChunkEncoder, RowOutcome, chunked, termination_raises_interrupt
 from composer_remask.data.sources import SOURCE_NAME_PATTERN, SourceSpec, choose_rows, open_records
+from composer_remask.numbers import finite_number
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -60,23 +60,6 @@ WEIGHT_KINDS = ("repeat", "choose", "proportion")
 
 class BuildError(ValueError):
     """The build cannot produce a usable corpus (e.g. a source with no rows left)."""
-
-
-def finite_number(value: object, what: str) -> float:
-    """``value`` (a number or its text) as a float; NaN, infinities and non-numbers are refused.
-
-    The one check behind every float option (``--mix``, ``StreamWeight``, a loader's stream
-    weights): ``nan < 0`` is false, so a plain range check lets NaN through.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"{what}: expected a finite number, got {value!r}")
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ValueError(f"{what}: expected a finite number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{what}: expected a finite number, got {value!r}")
-    return number
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as torch_dist
 from torch.optim import Optimizer
 
+from composer_remask.numbers import finite_number
+
 __all__ = ["Lilith"]
 
 
@@ -83,13 +85,16 @@ class Lilith(Optimizer):
         sharded: bool = False,
         replicas: int = 1,
     ) -> None:
-        if lr < 0:
-            raise ValueError(f"Lilith: lr must be >= 0, got {lr}")
-        for name, beta in (("beta1_m", beta1_m), ("beta2_m", beta2_m), ("beta_v", beta_v)):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"Lilith: {name} must be in [0, 1), got {beta}")
-        if eps < 0 or weight_decay < 0 or g_norm_min <= 0 or ratio_min < 0 or ema_k < 0:
-            raise ValueError("Lilith: eps, weight_decay, ratio_min, ema_k must be >= 0 and g_norm_min > 0")
+        lr = finite_number(lr, "Lilith: lr", low=0.0)
+        beta1_m, beta2_m, beta_v = (finite_number(beta, f"Lilith: {name}", low=0.0, high=1.0, high_open=True)
+                                    for name, beta in (("beta1_m", beta1_m), ("beta2_m", beta2_m), ("beta_v", beta_v)))
+        ema_beta = finite_number(ema_beta, "Lilith: ema_beta", low=0.0, high=1.0)
+        eps, weight_decay, ratio_min = (finite_number(value, f"Lilith: {name}", low=0.0) for name, value in
+                                        (("eps", eps), ("weight_decay", weight_decay), ("ratio_min", ratio_min)))
+        g_norm_min = finite_number(g_norm_min, "Lilith: g_norm_min", low=0.0, low_open=True)
+        acceleration = finite_number(acceleration, "Lilith: acceleration")
+        if ema_k < 0:
+            raise ValueError(f"Lilith: ema_k must be >= 0, got {ema_k}")
         defaults = dict(
             lr=lr, eps=eps, beta1_m=beta1_m, beta2_m=beta2_m, beta_v=beta_v,
             weight_decay=weight_decay, g_norm_min=g_norm_min, ratio_min=ratio_min,

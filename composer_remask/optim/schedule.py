@@ -12,6 +12,7 @@ import math
 
 from composer.core import State, TimeUnit
 
+from composer_remask.numbers import finite_number
 from composer_remask.runtime import run_length_in_batches
 
 __all__ = ["OneCycleCosineScheduler"]
@@ -45,10 +46,11 @@ class OneCycleCosineScheduler:
     """
 
     def __init__(self, pct_start: float = 0.3, div_factor: float = 25.0, final_div_factor: float = 1e4) -> None:
-        if not 0.0 < pct_start < 1.0:
-            raise ValueError(f"one_cycle_cosine: pct_start must be in (0, 1), got {pct_start}")
-        if div_factor <= 0 or final_div_factor <= 0:
-            raise ValueError("one_cycle_cosine: div_factor and final_div_factor must be > 0")
+        pct_start = finite_number(pct_start, "one_cycle_cosine: pct_start", low=0.0, high=1.0, low_open=True,
+                                  high_open=True)
+        div_factor = finite_number(div_factor, "one_cycle_cosine: div_factor", low=0.0, low_open=True)
+        final_div_factor = finite_number(final_div_factor, "one_cycle_cosine: final_div_factor", low=0.0,
+                                         low_open=True)
         self.pct_start = pct_start
         self.div_factor = div_factor
         self.final_div_factor = final_div_factor

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +18,8 @@ from typing import Any, Literal, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from composer_remask.numbers import non_finite_numbers
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "check_kwargs", "check_type"]
 
@@ -174,25 +175,6 @@ def config_from_omegaconf(cfg: DictConfig, source: str = "<dict>",
     if overridden:
         source = f"{source} (with command-line overrides {sorted(overridden)})"
     return TrainConfig(**raw, source=source)
-
-
-def non_finite_numbers(tree: Any, prefix: str = "") -> list[tuple[str, float]]:
-    """Every NaN or infinite float in a resolved recipe, with its dotted key (YAML ``.nan``, ``inf``).
-
-    No option of a recipe takes a non-finite value; one that slips through trains a NaN model.
-    """
-    if isinstance(tree, float):
-        return [] if math.isfinite(tree) else [(prefix, tree)]
-    if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, (list, tuple)):
-        items = enumerate(tree)
-    else:
-        return []
-    found = []
-    for key, value in items:
-        found += non_finite_numbers(value, f"{prefix}.{key}" if prefix else str(key))
-    return found
 
 
 DURATION_KEYS = ("max_duration", "eval_interval", "save_interval", "console_log_interval")
