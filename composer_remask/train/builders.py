@@ -7,7 +7,6 @@ wrong type is reported with the recipe's file and the dotted key before anything
 from __future__ import annotations
 
 import dataclasses
-import logging
 import typing
 import warnings
 from collections.abc import Mapping
@@ -19,25 +18,18 @@ from composer.core import Algorithm, Callback, DataSpec
 from composer.loggers import LoggerDestination
 from composer.utils import dist
 from composer.utils.parallelism import FSDPConfig
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import PreTrainedTokenizerBase
 
 from composer_remask.data.tokenizer import load_tokenizer
 from composer_remask.train import registry
 from composer_remask.train.config import ConfigError, TrainConfig, check_kwargs, check_type
-from composer_remask.train.model import ComposerCausalLM, causal_lm_on_meta
-from composer_remask.train.transforms import HYBRID_STRATEGIES, check_hybrid_degrees
-
-log = logging.getLogger(__name__)
+from composer_remask.train.model import INIT_DEVICES, ComposerCausalLM
+from composer_remask.train.transforms import HYBRID_STRATEGIES, check_hybrid_degrees, fsdp_runs
 
 __all__ = [
     "BatchSizes", "build_algorithms", "build_batch_sizes", "build_callbacks", "build_loaders", "build_loggers",
     "build_model", "build_optimizer", "build_parallelism_config", "build_scheduler", "build_tokenizer",
-    "hf_causal_lm", "validate_sections",
+    "validate_sections",
 ]
 
 # Values Composer's FSDP (v1) accepts, checked here so a typo fails before the model loads.
@@ -49,8 +41,6 @@ FSDP_CHOICES = {
     "state_dict_type": ("full", "sharded"),
 }
 FSDP_CASE_INSENSITIVE = ("sharding_strategy", "backward_prefetch")
-# model.init_device: "mixed" = each node's first rank loads the weights, the others build on meta.
-INIT_DEVICES = ("cpu", "meta", "mixed")
 
 
 # ------------------------------------------------------------------------------------ tokenizer
@@ -62,93 +52,12 @@ def build_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
 
 # ---------------------------------------------------------------------------------------- model
 
-def hf_causal_lm(
-    tokenizer: PreTrainedTokenizerBase,
-    init_device: str = "cpu",
-    *,
-    pretrained_model_name_or_path: str | None = None,
-    pretrained: bool = True,
-    config: dict[str, Any] | None = None,
-    config_overrides: dict[str, Any] | None = None,
-    trust_remote_code: bool = False,
-    attn_implementation: str | None = None,
-    train_metrics: bool = True,
-    pad_vocab_to_multiple_of: int = 64,
-) -> ComposerCausalLM:
-    """A Hugging Face causal LM wrapped for Composer (YAML ``model: {name: hf_causal_lm, ...}``).
-
-    - ``pretrained: true``: weights from ``pretrained_model_name_or_path`` (hub id or folder),
-      the path of the real recipes (``stabilityai/stablelm-3b-4e1t``);
-    - ``pretrained: false``: random weights from a config, either the named model's config or
-      ``config: {model_type: stablelm, hidden_size: ..., ...}`` written out in the YAML;
-    - ``config_overrides``: changes applied to the config in both cases (must be existing keys).
-
-    The embeddings grow (to a multiple of ``pad_vocab_to_multiple_of``) when the tokenizer with
-    ReMask's special tokens is larger than the vocabulary. ``init_device='meta'`` builds the
-    architecture without allocating weights (for inspecting a recipe; it cannot train).
-    ``init_device='mixed'`` (models past one GPU's memory, with FSDP): each node's first rank
-    loads (or initializes) the weights on the CPU, the other ranks build the architecture on the
-    meta device, and FSDP (``sync_module_states``, set by the builder) broadcasts rank 0's weights
-    while it shards them: one copy in CPU memory per node instead of one per GPU.
-    """
-    hf_config = _hf_config(pretrained_model_name_or_path, config, trust_remote_code)
-    for key, value in (config_overrides or {}).items():
-        if not hasattr(hf_config, key):
-            raise ConfigError(f"model.config_overrides.{key}: {type(hf_config).__name__} has no such key")
-        setattr(hf_config, key, value)
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    if pretrained:
-        if pretrained_model_name_or_path is None or config is not None:
-            raise ConfigError("model: pretrained: true loads weights from pretrained_model_name_or_path "
-                              "(and takes no `config`); set pretrained: false for random weights")
-        if init_device == "meta":
-            raise ConfigError("model: init_device 'meta' cannot load pretrained weights")
-    if init_device == "mixed" and dist.get_local_rank() != 0:
-        model = causal_lm_on_meta(hf_config, trust_remote_code=trust_remote_code, **extra)
-    elif pretrained:
-        model = AutoModelForCausalLM.from_pretrained(
-            pretrained_model_name_or_path, config=hf_config, trust_remote_code=trust_remote_code, **extra)
-    else:
-        with torch.device("cpu" if init_device == "mixed" else init_device):
-            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code, **extra)
-    _fit_embeddings(model, tokenizer, pad_vocab_to_multiple_of)
-    model.config.use_cache = False  # no KV cache while training (the export turns it back on)
-    return ComposerCausalLM(model, tokenizer, train_metrics=train_metrics)
-
-
-def _hf_config(name_or_path: str | None, config: dict[str, Any] | None, trust_remote_code: bool) -> Any:
-    if config is not None:
-        config = dict(config)
-        model_type = config.pop("model_type", None)
-        if model_type is None:
-            raise ConfigError("model.config.model_type: missing required value (e.g. stablelm, llama)")
-        try:
-            return AutoConfig.for_model(model_type, **config)
-        except ValueError as error:
-            raise ConfigError(f"model.config.model_type: {error}") from error
-    if name_or_path is None:
-        raise ConfigError("model: set pretrained_model_name_or_path, or `config` with a model_type")
-    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-
-
-def _fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, multiple: int) -> None:
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        # On meta (init_device: mixed) only the shape matters: FSDP copies rank 0's values in.
-        on_meta = model.get_input_embeddings().weight.is_meta
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple, mean_resizing=not on_meta)
-        log.info("resized the embeddings from %d to %d rows for the tokenizer's %d tokens",
-                 rows, model.get_input_embeddings().num_embeddings, len(tokenizer))
-
-
 def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, init_device: str = "cpu") -> ComposerCausalLM:
+    """The ``model`` section as written (``init_device`` follows FSDP in
+    :func:`composer_remask.train.transforms.apply_cross_section_rules`)."""
     section = dict(cfg.model)
     builder = _lookup(registry.models, section.pop("name"), cfg.where("model.name"))
     init_device = section.pop("init_device", init_device)
-    if init_device == "mixed" and build_parallelism_config(cfg, warn=False) is None:
-        warnings.warn("model.init_device 'mixed' needs FSDP (fsdp_config on CUDA GPUs); loading the weights "
-                      "on every rank instead", stacklevel=2)
-        init_device = "cpu"
     try:
         return builder(tokenizer, init_device, **section)
     except ConfigError as error:
@@ -272,25 +181,17 @@ def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
 
 # ------------------------------------------------------------------------------------------ FSDP
 
-def build_parallelism_config(cfg: TrainConfig, cuda_available: bool | None = None,
-                             warn: bool = True) -> dict[str, Any] | None:
-    """``fsdp_config`` -> ``Trainer(parallelism_config={'fsdp': ...})`` where FSDP can run (CUDA).
+def build_parallelism_config(cfg: TrainConfig, cuda_available: bool | None = None) -> dict[str, Any] | None:
+    """``fsdp_config`` -> ``Trainer(parallelism_config={'fsdp': ...})`` where FSDP runs (:func:`fsdp_runs`).
 
     FSDP (v1) needs CUDA; on a CPU machine the section is ignored with a warning, so the same
-    recipe still trains there with DDP (``composer -n 2``). With ``model.init_device: mixed``
-    ``sync_module_states`` is turned on: the ranks that built on meta get rank 0's weights.
+    recipe still trains there with DDP (``composer -n 2``).
     """
-    if not cfg.fsdp_config:
-        return None
-    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
-    if not cuda_available:
-        if warn:
+    if not fsdp_runs(cfg, cuda_available):
+        if cfg.fsdp_config:
             warnings.warn("fsdp_config is ignored: FSDP needs CUDA GPUs; training with DDP instead", stacklevel=2)
         return None
-    fsdp = dict(cfg.fsdp_config)
-    if cfg.model.get("init_device") == "mixed":
-        fsdp["sync_module_states"] = True
-    return {"fsdp": fsdp}
+    return {"fsdp": dict(cfg.fsdp_config)}
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -360,5 +261,3 @@ def validate_sections(cfg: TrainConfig, cuda_available: bool | None = None) -> N
             raise ConfigError(f"{cfg.where('code_paths')}: no such file {path!r}")
 
 
-
-registry.models.register("hf_causal_lm", hf_causal_lm)

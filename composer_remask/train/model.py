@@ -1,21 +1,33 @@
-"""The Composer wrapper for a Hugging Face causal LM, with FSDP policies, meta-device init and an MFU estimate."""
+"""The Composer wrapper for a Hugging Face causal LM (FSDP policies, meta-device init, an MFU estimate)
+and the factory that builds it from the recipe's ``model`` section (``hf_causal_lm``)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import HuggingFaceModel
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from composer.utils import dist
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.integrations.accelerate import init_empty_weights
 from transformers.modeling_utils import no_init_weights
 
 from composer_remask.batch import forward_passes
+from composer_remask.train.config import ConfigError
 
-__all__ = ["ComposerCausalLM", "DecoderLayerPolicy", "MetaParamInit", "causal_lm_on_meta",
-           "decoder_layer_class_names"]
+log = logging.getLogger(__name__)
+
+__all__ = ["INIT_DEVICES", "ComposerCausalLM", "DecoderLayerPolicy", "MetaParamInit", "causal_lm_on_meta",
+           "decoder_layer_class_names", "hf_causal_lm"]
 
 
 class DecoderLayerPolicy:
@@ -124,3 +136,88 @@ class ComposerCausalLM(HuggingFaceModel):
         rows, seq_len = batch["input_ids"].shape[:2]
         per_token = 6 * self.num_parameters + 12 * self.num_layers * self.hidden_size * seq_len
         return float(per_token * rows * seq_len * forward_passes(batch))
+
+
+# ---------------------------------------------------------------------------- the model factory
+
+# model.init_device: "mixed" = each node's first rank loads the weights, the others build on meta.
+INIT_DEVICES = ("cpu", "meta", "mixed")
+
+
+def hf_causal_lm(
+    tokenizer: PreTrainedTokenizerBase,
+    init_device: str = "cpu",
+    *,
+    pretrained_model_name_or_path: str | None = None,
+    pretrained: bool = True,
+    config: dict[str, Any] | None = None,
+    config_overrides: dict[str, Any] | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    train_metrics: bool = True,
+    pad_vocab_to_multiple_of: int = 64,
+) -> ComposerCausalLM:
+    """A Hugging Face causal LM wrapped for Composer (YAML ``model: {name: hf_causal_lm, ...}``).
+
+    - ``pretrained: true``: weights from ``pretrained_model_name_or_path`` (hub id or folder),
+      the path of the real recipes (``stabilityai/stablelm-3b-4e1t``);
+    - ``pretrained: false``: random weights from a config, either the named model's config or
+      ``config: {model_type: stablelm, hidden_size: ..., ...}`` written out in the YAML;
+    - ``config_overrides``: changes applied to the config in both cases (must be existing keys).
+
+    The embeddings grow (to a multiple of ``pad_vocab_to_multiple_of``) when the tokenizer with
+    ReMask's special tokens is larger than the vocabulary. ``init_device='meta'`` builds the
+    architecture without allocating weights (for inspecting a recipe; it cannot train).
+    ``init_device='mixed'`` (models past one GPU's memory, with FSDP): each node's first rank
+    loads (or initializes) the weights on the CPU, the other ranks build the architecture on the
+    meta device, and FSDP (``sync_module_states``, set by ``train/transforms.py``) broadcasts rank 0's weights
+    while it shards them: one copy in CPU memory per node instead of one per GPU.
+    """
+    hf_config = _hf_config(pretrained_model_name_or_path, config, trust_remote_code)
+    for key, value in (config_overrides or {}).items():
+        if not hasattr(hf_config, key):
+            raise ConfigError(f"model.config_overrides.{key}: {type(hf_config).__name__} has no such key")
+        setattr(hf_config, key, value)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if pretrained:
+        if pretrained_model_name_or_path is None or config is not None:
+            raise ConfigError("model: pretrained: true loads weights from pretrained_model_name_or_path "
+                              "(and takes no `config`); set pretrained: false for random weights")
+        if init_device == "meta":
+            raise ConfigError("model: init_device 'meta' cannot load pretrained weights")
+    if init_device == "mixed" and dist.get_local_rank() != 0:
+        model = causal_lm_on_meta(hf_config, trust_remote_code=trust_remote_code, **extra)
+    elif pretrained:
+        model = AutoModelForCausalLM.from_pretrained(
+            pretrained_model_name_or_path, config=hf_config, trust_remote_code=trust_remote_code, **extra)
+    else:
+        with torch.device("cpu" if init_device == "mixed" else init_device):
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code, **extra)
+    _fit_embeddings(model, tokenizer, pad_vocab_to_multiple_of)
+    model.config.use_cache = False  # no KV cache while training (the export turns it back on)
+    return ComposerCausalLM(model, tokenizer, train_metrics=train_metrics)
+
+
+def _hf_config(name_or_path: str | None, config: dict[str, Any] | None, trust_remote_code: bool) -> Any:
+    if config is not None:
+        config = dict(config)
+        model_type = config.pop("model_type", None)
+        if model_type is None:
+            raise ConfigError("model.config.model_type: missing required value (e.g. stablelm, llama)")
+        try:
+            return AutoConfig.for_model(model_type, **config)
+        except ValueError as error:
+            raise ConfigError(f"model.config.model_type: {error}") from error
+    if name_or_path is None:
+        raise ConfigError("model: set pretrained_model_name_or_path, or `config` with a model_type")
+    return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def _fit_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, multiple: int) -> None:
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        # On meta (init_device: mixed) only the shape matters: FSDP copies rank 0's values in.
+        on_meta = model.get_input_embeddings().weight.is_meta
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple, mean_resizing=not on_meta)
+        log.info("resized the embeddings from %d to %d rows for the tokenizer's %d tokens",
+                 rows, model.get_input_embeddings().num_embeddings, len(tokenizer))

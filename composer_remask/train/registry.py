@@ -69,7 +69,8 @@ loggers = Registry("logger")
 
 
 def _register_builtins() -> None:
-    """Entries that ship with composer-remask (Composer's loggers import their packages only when built)."""
+    """Every entry that ships with composer-remask, registered here and nowhere else (Composer's loggers
+    import their packages only when built)."""
     import torch
     from composer import callbacks as composer_callbacks
     from composer import loggers as composer_loggers
@@ -77,6 +78,9 @@ def _register_builtins() -> None:
 
     from composer_remask.algorithm import ReMask
     from composer_remask.optim import Lilith, OneCycleCosineScheduler
+    from composer_remask.train.model import hf_causal_lm
+
+    models.register("hf_causal_lm", hf_causal_lm)
 
     algorithms.register("remask", ReMask)
 

@@ -7,11 +7,18 @@ The rules:
 * Lilith follows FSDP: under FSDP every tensor is sharded across ranks, so Lilith must all-reduce
   its trust-ratio norms (``optimizer.sharded``), and under HSDP it divides the summed norms by the
   number of replicas (``optimizer.replicas``). Values written in the recipe are kept.
+* ``model.init_device: mixed`` and FSDP follow each other: where FSDP runs, ``sync_module_states``
+  is turned on (the ranks that built on meta get rank 0's weights that way; a written ``false`` is
+  kept, and validation refuses it); where it does not (no CUDA), every rank loads the weights
+  (``init_device: cpu``, with a warning), since no rank may be left on meta.
+
+Whether FSDP runs is decided in one place, :func:`fsdp_runs`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 
@@ -69,12 +76,24 @@ def apply_cross_section_rules(cfg: TrainConfig, cuda_available: bool | None = No
     Run it once, before validation. A recipe whose FSDP settings Lilith cannot follow is refused
     here even on a machine without CUDA, so the mistake shows before the run reaches the GPUs.
     """
+    use_fsdp = fsdp_runs(cfg, cuda_available)
     optimizer = dict(cfg.optimizer)
     if optimizer.get("name") == "lilith":
         if cfg.fsdp_config:
             lilith_is_sharded(cfg, use_fsdp=True)  # refuse FSDP settings Lilith cannot follow
         if "sharded" not in optimizer:
-            optimizer["sharded"] = lilith_is_sharded(cfg, fsdp_runs(cfg, cuda_available))
+            optimizer["sharded"] = lilith_is_sharded(cfg, use_fsdp)
             if optimizer["sharded"] and "replicas" not in optimizer:
                 optimizer["replicas"] = lilith_replicas(cfg)
-    return dataclasses.replace(cfg, optimizer=optimizer)
+
+    model = dict(cfg.model)
+    fsdp_config = dict(cfg.fsdp_config) if cfg.fsdp_config else cfg.fsdp_config
+    # Left for validation to refuse: 'mixed' without fsdp_config, or with sync_module_states: false.
+    if model.get("init_device") == "mixed" and cfg.fsdp_config and cfg.fsdp_config.get("sync_module_states") is not False:
+        if use_fsdp:
+            fsdp_config.setdefault("sync_module_states", True)
+        else:
+            warnings.warn("model.init_device 'mixed' needs FSDP (fsdp_config on CUDA GPUs); loading the weights "
+                          "on every rank instead", stacklevel=2)
+            model["init_device"] = "cpu"
+    return dataclasses.replace(cfg, optimizer=optimizer, model=model, fsdp_config=fsdp_config)

@@ -1,30 +1,18 @@
-"""The llm-foundry environment (``.venv-foundry``) and the tiny local files its runs train on.
+"""Fixtures of the llm-foundry tests: its environment (``.venv-foundry``) and the tiny local files its runs train on.
 
-llm-foundry pins a different stack from this project's demo environment, so its runs happen in a
-separate virtual environment that ``scripts/test.sh`` creates; these tests drive it in
-subprocesses. Without it they skip, except under CI (``CI=true``), where a missing environment is
-a failure.
+Without the environment the tests skip, except under CI (``CI=true``), where it is a failure
+(paths and the subprocess environment: ``tests/helpers/foundry_venv.py``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-FOUNDRY_VENV = Path(os.environ.get("REMASK_FOUNDRY_VENV", REPO / ".venv-foundry"))
-FOUNDRY_PYTHON = FOUNDRY_VENV / "bin" / "python"
-FOUNDRY_COMPOSER = FOUNDRY_VENV / "bin" / "composer"
-# A special token the base tokenizer ships with: the YAML route must keep it.
-OWN_SPECIAL_TOKEN = "<|tool_call|>"
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+from tests.helpers.foundry_venv import FOUNDRY_PYTHON, FOUNDRY_VENV, OWN_SPECIAL_TOKEN, REPO, in_ci
 
 
 @pytest.fixture(scope="session")
@@ -44,19 +32,10 @@ def foundry_python() -> Path:
             problem = f"{FOUNDRY_VENV} has composer-remask from elsewhere, not this checkout (pip install -e .)"
     if problem is not None:
         message = f"{problem}; `bash scripts/test.sh` creates it (llm-foundry==0.22.0 + this package)"
-        if _in_ci():
+        if in_ci():
             pytest.fail(message)
         pytest.skip(message)
     return FOUNDRY_PYTHON
-
-
-def foundry_env() -> dict[str, str]:
-    """Offline, quiet, CPU-only: nothing may be downloaded at test time."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled", "CUDA_VISIBLE_DEVICES": "",
-           "OMP_NUM_THREADS": "1"}
-    env.pop("VIRTUAL_ENV", None)
-    return env
 
 
 @pytest.fixture(scope="session")

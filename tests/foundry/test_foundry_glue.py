@@ -9,10 +9,11 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from composer_remask.batch import MASK_TOKEN, REMASK_SPECIAL_TOKENS, TOKEN_ROLES_KEY, batch_loss_tokens
+from composer_remask.data.tokenizer import load_tokenizer
 from composer_remask.foundry import RemaskTokenizer, build_remask_dataloader, load_remask_tokenizer
 from composer_remask.train import load_config
-from composer_remask.train.builders import build_tokenizer, load_tokenizer, validate_sections
-from tests.foundry.conftest import OWN_SPECIAL_TOKEN
+from composer_remask.train.builders import build_tokenizer, validate_sections
+from tests.helpers.foundry_venv import OWN_SPECIAL_TOKEN
 from tests.helpers.recipes import TINY_RECIPE
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tests.foundry.conftest import FOUNDRY_VENV, REPO, foundry_env
+from tests.helpers.foundry_venv import FOUNDRY_VENV, REPO, foundry_env
 
 pytestmark = pytest.mark.slow
 

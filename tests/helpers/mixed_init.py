@@ -30,7 +30,8 @@ from torch.distributed.fsdp import FullStateDictConfig, ShardingStrategy, StateD
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # noqa: E402
 from torch.distributed.fsdp.wrap import CustomPolicy  # noqa: E402
 
-from composer_remask.train.builders import hf_causal_lm, load_tokenizer  # noqa: E402
+from composer_remask.data.tokenizer import load_tokenizer  # noqa: E402
+from composer_remask.train.model import hf_causal_lm  # noqa: E402
 from tests.helpers.assets import TINY_TOKENIZER  # noqa: E402
 
 RANKS_PER_NODE = 2

@@ -14,14 +14,15 @@ import torch
 import yaml
 from transformers import StableLmForCausalLM
 
+from composer_remask.data.tokenizer import load_tokenizer
 from composer_remask.train import ConfigError, load_config
 from composer_remask.train.builders import (
     build_model,
     build_parallelism_config,
-    hf_causal_lm,
-    load_tokenizer,
     validate_sections,
 )
+from composer_remask.train.model import hf_causal_lm
+from composer_remask.train.transforms import apply_cross_section_rules
 from tests.helpers.recipes import REPO, TINY_RECIPE, TINY_TOKENIZER
 from tests.helpers.tiny_model import tiny_stablelm_config
 
@@ -99,7 +100,8 @@ def test_unknown_init_device_is_a_config_error(tmp_path):
 
 
 def test_mixed_turns_on_sync_module_states(tmp_path):
-    cfg = load_config(mixed_recipe(tmp_path, fsdp={"sharding_strategy": "FULL_SHARD"}))
+    cfg = apply_cross_section_rules(load_config(mixed_recipe(tmp_path, fsdp={"sharding_strategy": "FULL_SHARD"})),
+                                    cuda_available=True)
     validate_sections(cfg, cuda_available=True)
     assert build_parallelism_config(cfg, cuda_available=True)["fsdp"]["sync_module_states"] is True
 
@@ -112,7 +114,7 @@ def test_mixed_without_cuda_loads_on_every_rank(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = build_model(cfg, load_tokenizer(str(TINY_TOKENIZER)))
+        model = build_model(apply_cross_section_rules(cfg), load_tokenizer(str(TINY_TOKENIZER)))
     assert {p.device.type for p in model.model.parameters()} == {"cpu"}
     assert any("init_device 'mixed' needs FSDP" in str(w.message) for w in caught)
 
@@ -152,7 +154,7 @@ def test_mixed_init_hsdp_equals_a_full_load(tmp_path, saved_model):
 
 
 def test_llama3_8b_recipe_validates_without_downloading():
-    cfg = load_config(REPO / "yamls" / "remask_llama3_8b.yaml")
+    cfg = apply_cross_section_rules(load_config(REPO / "yamls" / "remask_llama3_8b.yaml"), cuda_available=True)
     validate_sections(cfg, cuda_available=True)
     assert cfg.model["pretrained_model_name_or_path"] == "meta-llama/Meta-Llama-3-8B"
     assert cfg.model["init_device"] == "mixed"
