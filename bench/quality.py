@@ -590,9 +590,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    from streaming.base.util import clean_stale_shared_memory
+    from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory
 
-    clean_stale_shared_memory()
+    clean_unused_streaming_shared_memory()
     if args.base_from:  # an ablation: fine-tune the base of an earlier grid, on its data
         shared = Path(args.base_from) if Path(args.base_from).is_absolute() else REPO / args.base_from
         data = json.loads((shared / "data.json").read_text())

@@ -18,7 +18,7 @@ UNITS = {
     "optim": ("optim",),
     "data_build": ("data", "data.formats", "data.sources", "data.pipeline", "data.tokenizer", "data.shards",
                    "data.writer", "data.inspection", "data.cli", "data.fixtures"),
-    "data_load": ("data.collator", "data.dataset"),
+    "data_load": ("data.collator", "data.dataset", "data.shared_memory"),
     "integration": ("", "train", "export", "evaluate", "foundry", "pretrained", "configs"),
 }
 ALLOWED = {

@@ -526,9 +526,9 @@ def run(regime: Regime, *, out: Path, results_dir: Path, device: str, jobs: int,
     env = q._env(threads, device)
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    from streaming.base.util import clean_stale_shared_memory
+    from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory
 
-    clean_stale_shared_memory()
+    clean_unused_streaming_shared_memory()
     base = prepare_base(regime, out, env, device)
     data = prepare_data(regime, out, base["tokenizer"], env)
     print(f"data: {data['rows_written']} training rows ({data['tokens']} tokens), {regime.n_val} val, "

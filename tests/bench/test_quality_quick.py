@@ -23,6 +23,7 @@ from bench.quality_task.generate import (  # noqa: E402
     solve_prompt,
     write_splits,
 )
+from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory  # noqa: E402
 from tests.helpers.assets import TINY_TOKENIZER  # noqa: E402
 from tests.helpers.limits import CI_LIMIT_S  # noqa: E402
 
@@ -195,9 +196,7 @@ def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
     """generate -> remask-data build -> train.py -> HF export -> lm-eval, for one method, a few steps."""
     import subprocess
 
-    from streaming.base.util import clean_stale_shared_memory
-
-    clean_stale_shared_memory()
+    clean_unused_streaming_shared_memory()
     out = tmp_path / "work"
     cmd = [sys.executable, "bench/quality.py", "--quick", "--methods", "remask", "--steps", "3", "--base-steps", "2", "--n-train", "200",
            "--n-test", "8", "--jobs", "1", "--out", str(out), "--results", str(tmp_path / "results")]

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from streaming.base.util import clean_stale_shared_memory
 
 from composer_remask.data.fixtures import write_source_fixtures
+from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory
 from composer_remask.data.tokenizer import load_tokenizer
 from tests.helpers.assets import TINY_TOKENIZER
 
@@ -25,5 +25,5 @@ def fixture_files(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture
 def fresh_shm():
-    """Streaming tests start from clean shared memory (a crashed run can leave some behind)."""
-    clean_stale_shared_memory()
+    """Streaming tests start without the shared memory a crashed run left behind (live runs' is kept)."""
+    clean_unused_streaming_shared_memory()

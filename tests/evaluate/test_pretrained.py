@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from composer_remask.batch import ANSWER_TAG, MASK_TOKEN, REMASK_SPECIAL_TOKENS  # noqa: E402
+from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory  # noqa: E402
 from composer_remask.pretrained import (  # noqa: E402
     EOSMismatchError,
     GGUFImportError,
@@ -251,13 +252,11 @@ def test_eos_guard_names_both_values(tiny_gguf, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tinycot_corpus(tmp_path_factory) -> Path:
-    from streaming.base.util import clean_stale_shared_memory
-
     from composer_remask.data.fixtures import write_source_fixtures
     from composer_remask.data.sources import parse_source_arg
     from composer_remask.data.writer import build_corpus
 
-    clean_stale_shared_memory()
+    clean_unused_streaming_shared_memory()
     root = tmp_path_factory.mktemp("eos-corpus")
     raw = write_source_fixtures(root / "raw", rows=16, seed=0)
     build_corpus([parse_source_arg(f"{name}={raw[name]}") for name in ("tinycot", "oasst2", "reddit")],

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory
 from tests.helpers.foundry_venv import FOUNDRY_PYTHON, FOUNDRY_VENV, OWN_SPECIAL_TOKEN, REPO, in_ci
 
 
@@ -43,7 +44,6 @@ def foundry_assets(tmp_path_factory) -> dict[str, Path]:
     """A tokenizer without ReMask's tokens (but with a special token of its own), a tiny Llama whose
     vocabulary fits only that tokenizer, a prompt/response JSONL and an MDS corpus of the same rows."""
     import torch
-    from streaming.base.util import clean_stale_shared_memory
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from composer_remask.data.fixtures import tinycot_rows, tokenizer_training_text, write_jsonl
@@ -52,7 +52,7 @@ def foundry_assets(tmp_path_factory) -> dict[str, Path]:
     from composer_remask.data.writer import build_corpus
     from composer_remask.foundry import load_remask_tokenizer
 
-    clean_stale_shared_memory()
+    clean_unused_streaming_shared_memory()
     root = tmp_path_factory.mktemp("foundry")
     base_tokenizer = train_tiny_tokenizer(tokenizer_training_text(rows=40), vocab_size=512,
                                           with_remask_tokens=False)

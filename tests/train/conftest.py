@@ -6,19 +6,18 @@ from pathlib import Path
 
 import pytest
 
+from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory
 from tests.helpers.assets import TINY_TOKENIZER
 
 
 @pytest.fixture(scope="session")
 def sample_corpus(tmp_path_factory) -> dict[str, Path]:
     """Train corpus (tinycot + oasst2 + reddit, 48 rows each) and a held-out tinycot corpus."""
-    from streaming.base.util import clean_stale_shared_memory
-
     from composer_remask.data.fixtures import write_source_fixtures
     from composer_remask.data.sources import parse_source_arg
     from composer_remask.data.writer import build_corpus
 
-    clean_stale_shared_memory()
+    clean_unused_streaming_shared_memory()
     root = tmp_path_factory.mktemp("corpus")
     raw = write_source_fixtures(root / "raw", rows=48, seed=0)
     held_raw = write_source_fixtures(root / "heldout-raw", rows=24, seed=1)
