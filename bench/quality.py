@@ -557,6 +557,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     epochs.add_argument("--cells", help="comma-separated sweep cells (default: the regime's)")
     epochs.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the regime's)")
     epochs.add_argument("--n-val", type=int, help="validation problems")
+    epochs.add_argument("--base-data", metavar="STYLE:OPS",
+                        help="tiny base only: the problems it is trained on, e.g. symbols:1-5 (default) or words:1-3 "
+                             "(a base that already reads worded prompts)")
     epochs.add_argument("--label", default="", help="a line printed at the top of the results (e.g. 'PILOT ...')")
     epochs.add_argument("--collect", nargs="+", metavar="RUN_DIR",
                         help="rebuild the report from finished run folders (<cell>-s<seed>) instead of running")
@@ -668,6 +671,11 @@ def _main_epochs(args: argparse.Namespace, parser: argparse.ArgumentParser, argv
         if unknown:
             parser.error(f"unknown cell(s) {unknown}; known: {', '.join(sweep.CELLS)}")
         changes["cells"] = cells
+    if args.base_data is not None:
+        style, _, operations = args.base_data.partition(":")
+        if args.base != "tiny" or style not in ("symbols", "words") or not operations:
+            parser.error(f"--base-data {args.base_data!r}: expected symbols:MIN-MAX or words:MIN-MAX, with the tiny base")
+        changes["base_data"] = args.base_data
     for key in ("epochs", "batch", "n_train", "n_val", "n_test", "lr", "base_steps"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)

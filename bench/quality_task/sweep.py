@@ -92,6 +92,7 @@ class Regime:
     base: str = "tiny"                 # "tiny" (trained here) or a remask-import-gguf known name
     base_steps: int = 1500             # tiny base only
     base_n_train: int = 20000          # tiny base only
+    base_data: str = "symbols:1-5"     # tiny base only: the prompt style and operations of its problems
     steps: str = "2-6"                 # operations per fine-tuning problem
     data_seed: int = 4321
     base_seed: int = 1000
@@ -168,7 +169,8 @@ def prepare_base(regime: Regime, out: Path, env: Mapping[str, str], device: str)
         info = _stamped(base_dir / "record.json", {"base": regime.base}, make)
         return {**info, "hf": str(base_dir / "hf"), "tokenizer": q._rel(base_dir / "hf")}
 
-    gen = _generate(base_dir / "synth", regime.base_n_train, 0, 0, regime.base_seed, "1-5", "symbols")
+    style, _, operations = regime.base_data.partition(":")
+    gen = _generate(base_dir / "synth", regime.base_n_train, 0, 0, regime.base_seed, operations, style)
     build = _build("assets/tiny-tokenizer", base_dir / "synth" / "train.jsonl", base_dir / "corpus")
     train = [sys.executable, "train.py", "yamls/quality_tiny.yaml", f"variables.data_dir={q._rel(base_dir / 'corpus')}",
              f"variables.run_dir={q._rel(base_dir)}", "run_name=quality-epochs-base", f"seed={regime.base_seed}",
@@ -378,7 +380,8 @@ def write_markdown(results: Mapping[str, Any], path: Path) -> str:
     base_text = (f"the GGUF `{s['base']}` imported with remask-import-gguf (weights dequantized to float32 from "
                  f"{', '.join(base.get('import', {}).get('gguf_tensor_types', []))})" if s["base"] != "tiny" else
                  f"a tiny StableLM (`yamls/quality_tiny.yaml`) trained from random init for {s['base_steps']} steps "
-                 f"on {s['base_n_train']} symbol-style chains (1-5 steps), then fine-tuned on worded prompts")
+                 f"on {s['base_n_train']} {_base_data_text(s.get('base_data', 'symbols:1-5'))}, then fine-tuned on "
+                 "worded prompts")
     text = "\n".join([
         f"# Quality benchmark, multi-epoch regime ({s['mode']})",
         "",
@@ -422,6 +425,11 @@ def write_markdown(results: Mapping[str, Any], path: Path) -> str:
     ])
     path.write_text(text, encoding="utf-8")
     return text
+
+
+def _base_data_text(base_data: str) -> str:
+    style, _, operations = base_data.partition(":")
+    return f"{'symbol-style chains' if style == 'symbols' else 'worded problems'} ({operations} operations)"
 
 
 def plot(results: Mapping[str, Any], path: Path) -> None:
