@@ -557,9 +557,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     epochs.add_argument("--cells", help="comma-separated sweep cells (default: the regime's)")
     epochs.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the regime's)")
     epochs.add_argument("--n-val", type=int, help="validation problems")
-    epochs.add_argument("--base-data", metavar="STYLE:OPS",
-                        help="tiny base only: the problems it is trained on, e.g. symbols:1-5 (default) or words:1-3 "
-                             "(a base that already reads worded prompts)")
+    epochs.add_argument("--base-data", metavar="STYLE:OPS[:N]",
+                        help="tiny base only: the N problems it is trained on, e.g. symbols:1-5:20000 (default) or "
+                             "words:1-3:4000 (a base that already reads worded prompts)")
+    epochs.add_argument("--ops", metavar="MIN-MAX",
+                        help="operations per fine-tuning problem (default: the regime's, 2-6 on the tiny base)")
     epochs.add_argument("--label", default="", help="a line printed at the top of the results (e.g. 'PILOT ...')")
     epochs.add_argument("--collect", nargs="+", metavar="RUN_DIR",
                         help="rebuild the report from finished run folders (<cell>-s<seed>) instead of running")
@@ -672,10 +674,15 @@ def _main_epochs(args: argparse.Namespace, parser: argparse.ArgumentParser, argv
             parser.error(f"unknown cell(s) {unknown}; known: {', '.join(sweep.CELLS)}")
         changes["cells"] = cells
     if args.base_data is not None:
-        style, _, operations = args.base_data.partition(":")
-        if args.base != "tiny" or style not in ("symbols", "words") or not operations:
-            parser.error(f"--base-data {args.base_data!r}: expected symbols:MIN-MAX or words:MIN-MAX, with the tiny base")
-        changes["base_data"] = args.base_data
+        parts = args.base_data.split(":")
+        if args.base != "tiny" or len(parts) not in (2, 3) or parts[0] not in ("symbols", "words") or not parts[1] \
+                or (len(parts) == 3 and not parts[2].isdigit()):
+            parser.error(f"--base-data {args.base_data!r}: expected symbols|words:MIN-MAX[:N], with the tiny base")
+        changes["base_data"] = f"{parts[0]}:{parts[1]}"
+        if len(parts) == 3:
+            changes["base_n_train"] = int(parts[2])
+    if args.ops is not None:
+        changes["steps"] = args.ops
     for key in ("epochs", "batch", "n_train", "n_val", "n_test", "lr", "base_steps"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
