@@ -38,7 +38,8 @@ if [ -n "$foundry_pid" ]; then
   fi
 fi
 
-.venv/bin/python -c "import streaming.base.util as u; u.clean_stale_shared_memory()"
+# What crashed streaming runs left in /dev/shm, never the segments of a run going on beside the tests.
+.venv/bin/python -c "from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory as c; c()"
 if [ "$#" -eq 0 ]; then
   set -- -m "not gpu"
 fi

@@ -3,7 +3,9 @@
 streaming's ``clean_stale_shared_memory()`` unlinks every streaming segment on the machine,
 including those of a training run or test session going on beside this one: that run's names
 disappear, a new dataset elsewhere can take the same prefix, and its resource tracker complains at
-exit. Here a segment is removed only when no live process maps it.
+exit. Here a segment is removed only when it belongs to this user and no live process this user
+can see maps it or holds it open. Processes in another PID namespace that share ``/dev/shm`` are not
+visible in ``/proc``: do not run a cleanup across such a boundary.
 """
 
 from __future__ import annotations
@@ -21,30 +23,41 @@ STREAMING_SEGMENT = re.compile(r"^\d{6}_(locals|barrier|next_epoch|cache_usage|s
                                r"resume|epoch_shape|epoch_data)$")
 
 
-def streaming_segments() -> set[str]:
+def streaming_segments(owned_only: bool = False) -> set[str]:
+    """Streaming's segment names in /dev/shm (only this user's with ``owned_only``)."""
     if not SHM_DIR.is_dir():
         return set()
-    return {path.name for path in SHM_DIR.iterdir() if STREAMING_SEGMENT.match(path.name)}
+    names = set()
+    for path in SHM_DIR.iterdir():
+        if STREAMING_SEGMENT.match(path.name):
+            with contextlib.suppress(FileNotFoundError):
+                if not owned_only or path.stat().st_uid == os.geteuid():
+                    names.add(path.name)
+    return names
 
 
-def _mapped_segments() -> set[str]:
-    """Names under /dev/shm that some live process has mapped (read from /proc/*/maps)."""
-    mapped = set()
+def _segments_in_use() -> set[str]:
+    """Names under /dev/shm that a live process maps (``/proc/*/maps``) or holds open (``/proc/*/fd``)."""
+    in_use = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
+        with contextlib.suppress(OSError):  # the process ended meanwhile, or is another user's
             with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
                 for line in maps:
                     if "/dev/shm/" in line:
-                        mapped.add(line.rsplit("/dev/shm/", 1)[1].split()[0])
-        except OSError:  # the process ended, or is not ours to read
-            continue
-    return mapped
+                        in_use.add(line.rsplit("/dev/shm/", 1)[1].split()[0])
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("/dev/shm/"):
+                        in_use.add(target.removeprefix("/dev/shm/").split()[0])
+    return in_use
 
 
 def clean_unused_streaming_shared_memory() -> list[str]:
-    """Unlink the streaming segments no live process maps; returns their names."""
-    unused = sorted(streaming_segments() - _mapped_segments())
-    for name in unused:
-        with contextlib.suppress(FileNotFoundError):  # another cleaner was first
+    """Unlink this user's streaming segments that no live process uses; returns their names."""
+    removed = []
+    for name in sorted(streaming_segments(owned_only=True) - _segments_in_use()):
+        with contextlib.suppress(FileNotFoundError, PermissionError):  # another cleaner was first
             (SHM_DIR / name).unlink()
-    return unused
+            removed.append(name)
+    return removed

@@ -14,16 +14,23 @@ from pathlib import Path
 
 import pytest
 
-from composer_remask.data.shared_memory import SHM_DIR, clean_unused_streaming_shared_memory, streaming_segments
+from composer_remask.data.shared_memory import (
+    SHM_DIR,
+    clean_unused_streaming_shared_memory,
+    streaming_segments,
+)
 
 pytestmark = pytest.mark.skipif(not SHM_DIR.is_dir() or not Path("/proc/self/maps").exists(),
                                 reason="needs /dev/shm and /proc (Linux)")
 
-HOLD_MAPPED = """
+# A process that maps the segment (as streaming does), or has only opened it so far.
+HOLD = """
 import mmap, sys
-with open(sys.argv[1], "r+b") as f:
-    mapping = mmap.mmap(f.fileno(), 0)
-print("mapped", flush=True)
+handle = open(sys.argv[1], "r+b")
+if sys.argv[2] == "map":
+    mapping = mmap.mmap(handle.fileno(), 0)
+    handle.close()
+print("holding", flush=True)
 sys.stdin.read()
 """
 
@@ -36,19 +43,20 @@ def _free_prefix() -> str:
     return f"{prefix:06d}"
 
 
-def test_only_segments_no_live_process_maps_are_removed():
+@pytest.mark.parametrize("how", ["map", "open"])
+def test_only_segments_no_live_process_uses_are_removed(how):
     prefix = _free_prefix()
     live, left_behind = SHM_DIR / f"{prefix}_locals", SHM_DIR / f"{int(prefix) + 1:06d}_next_epoch"
     unrelated = SHM_DIR / f"remask-test-{uuid.uuid4().hex}"
     for path in (live, left_behind, unrelated):
         path.write_bytes(b"\0" * 8)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_MAPPED, str(live)], stdin=subprocess.PIPE,
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(live), how], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "mapped"
+        assert holder.stdout.readline().strip() == "holding"
         removed = clean_unused_streaming_shared_memory()
         assert left_behind.name in removed and not left_behind.exists()
-        assert live.exists(), "the segment a live process maps was removed"
+        assert live.exists(), f"the segment a live process uses ({how}) was removed"
         assert unrelated.exists(), "a segment that is not streaming's was removed"
     finally:
         holder.communicate("")
