@@ -35,6 +35,7 @@ from typing import Any
 
 from composer_remask.batch import ANSWER_TAG, USER_TAG
 from composer_remask.data.formats import format_cot_prompt
+from composer_remask.numbers import finite_number
 
 __all__ = [
     "CARD_TASKS", "COT_STRICT_ANSWER", "LOCAL_GSM8K_TASK", "TaskSetting", "cot_prompt_template", "evaluate",
@@ -313,6 +314,13 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _positive_limit(text: str) -> float:
+    try:
+        return finite_number(text, "--limit", low=0.0, low_open=True)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--limit: ")) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="remask-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="Hugging Face model folder (e.g. the export of a run) or hub id")
@@ -324,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gsm8k-fewshot-jsonl", help="local rows to draw few-shot examples from")
     parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="gsm8k")
     parser.add_argument("--num-fewshot", type=int, default=None, help="override every task's few-shot count")
-    parser.add_argument("--limit", type=float, default=None, help="examples per task (smoke test)")
+    parser.add_argument("--limit", type=_positive_limit, default=None,
+                        help="examples per task, or a fraction of each task below 1 (smoke test)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     parser.add_argument("--batch-size", default="8", help="an int or 'auto'")
     parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")

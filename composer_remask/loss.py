@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from composer_remask.batch import IGNORE_INDEX
+from composer_remask.numbers import finite_number
 
 # Rows per chunk are chosen so the chunk's logits (both passes) hold about this many elements; the
 # elementwise work then runs on blocks of about _BLOCK_ELEMENTS, which stay in a CPU core's cache.
@@ -477,6 +478,7 @@ def remask_loss(
                          f"{tuple(logits_masked.shape)} must have the same shape")
     if logits_full.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits_full.shape)} do not match labels {tuple(labels.shape)}")
+    weight = finite_number(weight, "remask_loss: weight", low=0.0)
     batch_idx, pos_idx, targets, div_rows = predicted_positions(labels, divergence_mask)
     n_ce = max(int((targets != IGNORE_INDEX).sum()), 1)
     n_div = max(int(div_rows.sum()), 1)

@@ -29,6 +29,7 @@ from composer_remask.batch import (
     ROLE_RESPONSE,
     tokenizer_pad_id,
 )
+from composer_remask.numbers import finite_number
 
 MASK_STRATEGIES = ("mask_token", "random", "pad")
 
@@ -295,6 +296,10 @@ def remask_batch(
     """
     if input_ids.shape != labels.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} differ in shape")
+    mask_prob = finite_number(mask_prob, "remask_batch: mask_prob", low=0.0, high=1.0)
+    rationale_label_drop_prob = finite_number(rationale_label_drop_prob, "remask_batch: rationale_label_drop_prob",
+                                              low=0.0, high=1.0)
+    answer_only_prob = finite_number(answer_only_prob, "remask_batch: answer_only_prob", low=0.0, high=1.0)
     vocabulary = vocabulary if vocabulary is not None else MaskVocabulary(strategy="mask_token")
     if sample_keys is None:
         sample_keys = content_sample_keys(input_ids, attention_mask, vocabulary.pad_token_id)

@@ -8,12 +8,17 @@ command lines are covered in ``tests/train/test_preflight.py`` and ``tests/data/
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from composer_remask.algorithm import ReMask
+from composer_remask.data.dataset import build_dataloader
 from composer_remask.data.writer import StreamWeight
+from composer_remask.evaluate import main as remask_eval
+from composer_remask.loss import remask_loss
+from composer_remask.masking import MaskVocabulary, remask_batch
 from composer_remask.numbers import finite_number, non_finite_numbers
 from composer_remask.optim import Lilith, OneCycleCosineScheduler
 
@@ -48,6 +53,12 @@ def _params() -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.zeros(2))]
 
 
+IDS = torch.tensor([[5, 6, 7, 8]])
+LOGITS = torch.zeros(1, 4, 10)
+VOCABULARY = MaskVocabulary(strategy="mask_token", mask_token_id=9)
+TOKENIZER = SimpleNamespace(pad_token_id=0, eos_token_id=0)
+
+
 FLOAT_OPTIONS = {
     "ReMask.mask_prob": lambda v: ReMask(mask_prob=v),
     "ReMask.weight": lambda v: ReMask(weight=v),
@@ -67,6 +78,15 @@ FLOAT_OPTIONS = {
     "one_cycle_cosine.pct_start": lambda v: OneCycleCosineScheduler(pct_start=v),
     "one_cycle_cosine.div_factor": lambda v: OneCycleCosineScheduler(div_factor=v),
     "one_cycle_cosine.final_div_factor": lambda v: OneCycleCosineScheduler(final_div_factor=v),
+    "remask_batch.mask_prob": lambda v: remask_batch(IDS, IDS, mask_prob=v, vocabulary=VOCABULARY),
+    "remask_batch.rationale_label_drop_prob": lambda v: remask_batch(IDS, IDS, mask_prob=0.0,
+                                                                     rationale_label_drop_prob=v),
+    "remask_batch.answer_only_prob": lambda v: remask_batch(IDS, IDS, mask_prob=0.0, answer_only_prob=v),
+    "remask_loss.weight": lambda v: remask_loss(LOGITS, LOGITS, IDS, weight=v),
+    "loader.timeout": lambda v: build_dataloader({"local": "/nonexistent", "timeout": v}, TOKENIZER, 1)
+    if not 0 <= v < 1 else None,  # a valid timeout would go on to open the (missing) corpus
+    "loader.stream.download_timeout": lambda v: build_dataloader(
+        {"streams": {"a": {"local": "/nonexistent", "download_timeout": v}}}, TOKENIZER, 1) if not 0 <= v < 1 else None,
     "StreamWeight.repeat": lambda v: StreamWeight("repeat", v),
     "StreamWeight.proportion": lambda v: StreamWeight("proportion", v),
 }
@@ -82,3 +102,17 @@ def test_every_float_option_refuses_non_finite_values(option, value):
 @pytest.mark.parametrize("option", sorted(FLOAT_OPTIONS))
 def test_every_float_option_takes_a_plain_number(option):
     FLOAT_OPTIONS[option](0.5)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-3", "0"])
+def test_remask_eval_limit_is_a_usage_error(value, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        remask_eval(["model-folder", "--limit", value])
+    assert stopped.value.code == 2
+    assert "argument --limit:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ema_k", [math.nan, -1, 1.5, True])
+def test_lilith_ema_period_is_a_whole_number(ema_k):
+    with pytest.raises(ValueError, match="ema_k must be an integer >= 0"):
+        Lilith(_params(), lr=1e-3, ema_k=ema_k)

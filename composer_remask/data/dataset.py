@@ -145,11 +145,9 @@ def _stream_configs(config: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
                 raise ValueError(f"unknown key {key!r} in stream {name!r}; known keys: {', '.join(STREAM_KEYS)}")
         if stream.get("local") is None and stream.get("remote") is None:
             raise ValueError(f"stream {name!r} needs `local:` and/or `remote:`")
-        for key in ("proportion", "repeat", "choose"):
+        for key in ("proportion", "repeat", "choose", "download_timeout"):
             if stream.get(key) is not None:
-                number = finite_number(stream[key], f"stream {name!r}, {key}")
-                if number < 0:
-                    raise ValueError(f"stream {name!r}, {key}: expected a non-negative number, got {stream[key]!r}")
+                finite_number(stream[key], f"stream {name!r}, {key}", low=0.0)
         stream.setdefault("split", config["split"])
     return named
 
@@ -193,6 +191,7 @@ def build_dataloader(loader_cfg: Mapping[str, Any], tokenizer: PreTrainedTokeniz
     from torch.utils.data import DataLoader
 
     config = _loader_config(loader_cfg)
+    finite_number(config["timeout"], "timeout", low=0.0)
     pad_id = tokenizer_pad_id(tokenizer)
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an EOS token to pad with")

@@ -73,8 +73,8 @@ class StreamWeight:
         what = f"stream weight {self.kind}:{self.value}"
         if self.kind not in WEIGHT_KINDS:
             raise ValueError(f"{what}: expected one of {', '.join(k + ':N' for k in WEIGHT_KINDS)}")
-        number = finite_number(self.value, what)
-        if number < 0 or (self.kind == "choose" and number != int(number)):
+        number = finite_number(self.value, what, low=0.0)
+        if self.kind == "choose" and number != int(number):
             raise ValueError(f"{what}: expected a non-negative {'integer' if self.kind == 'choose' else 'number'}")
         object.__setattr__(self, "value", int(number) if self.kind == "choose" else number)
 

@@ -55,12 +55,12 @@ class Lilith(Optimizer):
         sharded: every rank of the default process group holds a different shard of each tensor
             (FSDP ``FULL_SHARD`` / ``SHARD_GRAD_OP`` with ``use_orig_params``). The norms of the
             trust ratio are then summed over ranks, so the ratio is the one of the whole tensor,
-            and the skip rule uses the whole tensor's element count (``numel <= 1``). Set by
-            the training builder; leave ``False`` for single-process and DDP training.
+            and the skip rule uses the whole tensor's element count (``numel <= 1``). Set from
+            ``fsdp_config`` by ``train/transforms.py``; leave ``False`` for single-process and DDP training.
         replicas: with ``sharded`` under HSDP (``HYBRID_SHARD``), how many identical copies of
             each shard the default group holds (Composer's ``data_parallel_replicate_degree``):
             the summed statistics are divided by it, so the norms and the element count are the
-            whole tensor's once. Set by the training builder.
+            whole tensor's once. Set from ``fsdp_config`` by ``train/transforms.py``.
 
     Example::
 
@@ -93,8 +93,8 @@ class Lilith(Optimizer):
                                         (("eps", eps), ("weight_decay", weight_decay), ("ratio_min", ratio_min)))
         g_norm_min = finite_number(g_norm_min, "Lilith: g_norm_min", low=0.0, low_open=True)
         acceleration = finite_number(acceleration, "Lilith: acceleration")
-        if ema_k < 0:
-            raise ValueError(f"Lilith: ema_k must be >= 0, got {ema_k}")
+        if isinstance(ema_k, bool) or not isinstance(ema_k, int) or ema_k < 0:
+            raise ValueError(f"Lilith: ema_k must be an integer >= 0, got {ema_k!r}")
         defaults = dict(
             lr=lr, eps=eps, beta1_m=beta1_m, beta2_m=beta2_m, beta_v=beta_v,
             weight_decay=weight_decay, g_norm_min=g_norm_min, ratio_min=ratio_min,
