@@ -211,13 +211,6 @@ def validate_sections(cfg: TrainConfig, cuda_available: bool | None = None) -> N
     init_device = model.get("init_device", "cpu")
     if init_device not in INIT_DEVICES:
         raise ConfigError(f"{cfg.where('model.init_device')}: {init_device!r} is not one of {', '.join(INIT_DEVICES)}")
-    if init_device == "mixed":
-        if not cfg.fsdp_config:
-            raise ConfigError(f"{cfg.where('model.init_device')}: 'mixed' builds the weights on rank 0 only and "
-                              "needs FSDP to share them: add fsdp_config (it turns on sync_module_states)")
-        if cfg.fsdp_config.get("sync_module_states") is False:
-            raise ConfigError(f"{cfg.where('fsdp_config.sync_module_states')}: must be true with "
-                              "model.init_device 'mixed' (the other ranks get rank 0's weights that way)")
 
     name, kwargs = _name_and_kwargs(cfg.optimizer, cfg.where("optimizer"))
     check_kwargs(_lookup(registry.optimizers, name, cfg.where("optimizer.name")), kwargs, cfg.where("optimizer"),

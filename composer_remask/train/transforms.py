@@ -7,10 +7,10 @@ The rules:
 * Lilith follows FSDP: under FSDP every tensor is sharded across ranks, so Lilith must all-reduce
   its trust-ratio norms (``optimizer.sharded``), and under HSDP it divides the summed norms by the
   number of replicas (``optimizer.replicas``). Values written in the recipe are kept.
-* ``model.init_device: mixed`` and FSDP follow each other: where FSDP runs, ``sync_module_states``
-  is turned on (the ranks that built on meta get rank 0's weights that way; a written ``false`` is
-  kept, and validation refuses it); where it does not (no CUDA), every rank loads the weights
-  (``init_device: cpu``, with a warning), since no rank may be left on meta.
+* ``model.init_device: mixed`` and FSDP follow each other: 'mixed' needs ``fsdp_config``; where
+  FSDP runs, ``sync_module_states`` is turned on (the ranks that built on meta get rank 0's weights
+  that way; a written ``false`` is refused); where it does not (no CUDA), every rank loads the
+  weights (``init_device: cpu``, with a warning), since no rank may be left on meta.
 
 Whether FSDP runs is decided in one place, :func:`fsdp_runs`.
 """
@@ -88,8 +88,13 @@ def apply_cross_section_rules(cfg: TrainConfig, cuda_available: bool | None = No
 
     model = dict(cfg.model)
     fsdp_config = dict(cfg.fsdp_config) if cfg.fsdp_config else cfg.fsdp_config
-    # Left for validation to refuse: 'mixed' without fsdp_config, or with sync_module_states: false.
-    if model.get("init_device") == "mixed" and cfg.fsdp_config and cfg.fsdp_config.get("sync_module_states") is not False:
+    if model.get("init_device") == "mixed":
+        if not cfg.fsdp_config:
+            raise ConfigError(f"{cfg.where('model.init_device')}: 'mixed' builds the weights on rank 0 only and "
+                              "needs FSDP to share them: add fsdp_config (it turns on sync_module_states)")
+        if cfg.fsdp_config.get("sync_module_states") is False:
+            raise ConfigError(f"{cfg.where('fsdp_config.sync_module_states')}: must be true with "
+                              "model.init_device 'mixed' (the other ranks get rank 0's weights that way)")
         if use_fsdp:
             fsdp_config.setdefault("sync_module_states", True)
         else:

@@ -83,13 +83,13 @@ def test_param_init_fn_gives_meta_modules_the_model_init():
 def test_mixed_needs_fsdp(tmp_path):
     cfg = load_config(mixed_recipe(tmp_path, fsdp=None))
     with pytest.raises(ConfigError, match=r"mixed\.yaml: model\.init_device: 'mixed'.*needs FSDP"):
-        validate_sections(cfg, cuda_available=True)
+        apply_cross_section_rules(cfg, cuda_available=True)
 
 
 def test_mixed_refuses_sync_module_states_false(tmp_path):
     cfg = load_config(mixed_recipe(tmp_path, fsdp={"sharding_strategy": "FULL_SHARD", "sync_module_states": False}))
     with pytest.raises(ConfigError, match=r"fsdp_config\.sync_module_states: must be true"):
-        validate_sections(cfg, cuda_available=True)
+        apply_cross_section_rules(cfg, cuda_available=False)  # refused before the run reaches the GPUs
 
 
 def test_unknown_init_device_is_a_config_error(tmp_path):
