@@ -568,6 +568,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.regime == "epochs" or args.base != "tiny":
         return _main_epochs(args, parser, argv)
+    for option, value in (("--base-data", args.base_data), ("--ops", args.ops)):
+        if value is not None:
+            parser.error(f"{option} belongs to the multi-epoch regime (--regime epochs)")
 
     out = Path(args.out or ("runs/quality-quick" if args.quick else "runs/quality"))
     out = out if out.is_absolute() else REPO / out
@@ -649,6 +652,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _operations(text: str) -> bool:
+    """Whether ``text`` is a range of operations the problem generator takes (``3`` or ``2-6``)."""
+    from bench.quality_task.generate import parse_steps
+
+    try:
+        low, high = parse_steps(text)
+    except argparse.ArgumentTypeError:
+        return False
+    return 1 <= low <= high
+
+
 def _main_epochs(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """``--regime epochs`` (or ``--base NAME``): the multi-epoch sweep of bench/quality_task/sweep.py."""
     if str(REPO) not in sys.path:  # run as a script: bench/ is on the path, the repository root is not
@@ -675,13 +689,16 @@ def _main_epochs(args: argparse.Namespace, parser: argparse.ArgumentParser, argv
         changes["cells"] = cells
     if args.base_data is not None:
         parts = args.base_data.split(":")
-        if args.base != "tiny" or len(parts) not in (2, 3) or parts[0] not in ("symbols", "words") or not parts[1] \
-                or (len(parts) == 3 and not parts[2].isdigit()):
-            parser.error(f"--base-data {args.base_data!r}: expected symbols|words:MIN-MAX[:N], with the tiny base")
+        if args.base != "tiny" or len(parts) not in (2, 3) or parts[0] not in ("symbols", "words") \
+                or not _operations(parts[1]) or (len(parts) == 3 and not (parts[2].isdigit() and int(parts[2]) > 0)):
+            parser.error(f"--base-data {args.base_data!r}: expected symbols|words:MIN-MAX[:N] (N > 0), with the "
+                         "tiny base")
         changes["base_data"] = f"{parts[0]}:{parts[1]}"
         if len(parts) == 3:
             changes["base_n_train"] = int(parts[2])
     if args.ops is not None:
+        if not _operations(args.ops):
+            parser.error(f"--ops {args.ops!r}: expected MIN-MAX operations, 1 <= MIN <= MAX")
         changes["steps"] = args.ops
     for key in ("epochs", "batch", "n_train", "n_val", "n_test", "lr", "base_steps"):
         if getattr(args, key) is not None:

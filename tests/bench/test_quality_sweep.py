@@ -14,6 +14,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from bench import quality  # noqa: E402
 from bench.quality_task import sweep  # noqa: E402
 from bench.quality_task.epoch_eval import evaluate_rows  # noqa: E402
 from bench.quality_task.generate import write_splits  # noqa: E402
@@ -162,3 +163,16 @@ def test_collect_rebuilds_the_report_from_run_folders(tmp_path: Path) -> None:
     assert {r["by_length_metric"] for r in results["runs"]} == {"accuracy"}   # one metric for every run
     with pytest.raises(ValueError, match="not a finished run folder"):
         sweep.collect(regime, [tmp_path / "runs"], results_dir=tmp_path / "bad", device="cpu", command="x")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--regime", "epochs", "--ops", "6-2"], "--ops '6-2'"),
+    (["--regime", "epochs", "--base-data", "words:1-3:0"], "--base-data 'words:1-3:0'"),
+    (["--regime", "epochs", "--base-data", "prose:1-3"], "--base-data 'prose:1-3'"),
+    (["--base", "smollm2-135m", "--base-data", "words:1-3"], "--base-data 'words:1-3'"),
+    (["--base-data", "words:1-3"], "--base-data belongs to the multi-epoch regime"),
+])
+def test_sweep_options_are_checked_before_anything_runs(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        quality.main(argv + ["--out", "/nonexistent/never-written"])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
