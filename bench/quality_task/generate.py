@@ -31,7 +31,7 @@ import json
 import random
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,15 +129,16 @@ def solve_prompt(prompt: str) -> int:
     return value
 
 
-def generate_splits(n_train: int, n_test: int, seed: int = 0,
-                    difficulty: Difficulty = Difficulty()) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+def generate_splits(n_train: int, n_test: int, seed: int = 0, difficulty: Difficulty = Difficulty(),
+                    exclude: Iterable[str] = ()) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """``(train, test)``: distinct prompts, none shared between the splits, the same for the same seed.
 
     Test rows are drawn first, then train rows are drawn until ``n_train`` prompts not in the test
-    split (nor repeated) are found. Raises ``ValueError`` if the space of problems is too small.
+    split (nor repeated) are found. Prompts in ``exclude`` (e.g. a base model's training problems)
+    are never drawn. Raises ``ValueError`` if the space of problems is too small.
     """
     rng = random.Random(seed)
-    seen: set[str] = set()
+    seen: set[str] = set(exclude)
 
     def draw(count: int) -> list[dict[str, str]]:
         rows: list[dict[str, str]] = []
@@ -160,7 +161,7 @@ def generate_splits(n_train: int, n_test: int, seed: int = 0,
 
 
 def write_splits(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0,
-                 difficulty: Difficulty = Difficulty(), n_val: int = 0) -> dict[str, Any]:
+                 difficulty: Difficulty = Difficulty(), n_val: int = 0, exclude: Iterable[str] = ()) -> dict[str, Any]:
     """Write ``train.jsonl``, ``test.jsonl`` (and ``val.jsonl``) and ``meta.json``; return the meta.
 
     ``n_val`` validation rows (for choosing epochs and settings without touching the test rows) are
@@ -168,7 +169,8 @@ def write_splits(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0,
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train, test = generate_splits(n_train + n_val, n_test, seed, difficulty)
+    exclude = set(exclude)
+    train, test = generate_splits(n_train + n_val, n_test, seed, difficulty, exclude)
     val, train = train[:n_val], train[n_val:]
     splits = [("train", train), ("test", test)] + ([("val", val)] if n_val else [])
     for name, rows in splits:
@@ -176,7 +178,7 @@ def write_splits(out_dir: str | Path, n_train: int, n_test: int, seed: int = 0,
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
     meta = {"seed": seed, "train": len(train), "test": len(test), **({"val": n_val} if n_val else {}), "source": SOURCE,
-            "difficulty": dataclasses.asdict(difficulty)}
+            "difficulty": dataclasses.asdict(difficulty), **({"excluded_prompts": len(exclude)} if exclude else {})}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return meta
 
@@ -207,11 +209,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-factor", type=int, default=defaults.max_factor)
     parser.add_argument("--style", choices=STYLES, default=defaults.style,
                         help="prompt wording: 'Start with 7. Add 5, then ...' or 'From left to right: 7 + 5 ... = ?'")
+    parser.add_argument("--exclude", action="append", default=[], metavar="JSONL",
+                        help="never draw a prompt of this file (e.g. the base model's training rows); repeatable")
     args = parser.parse_args(argv)
     try:
         difficulty = Difficulty(args.steps[0], args.steps[1], args.max_value, args.max_start, args.max_operand,
                                 args.max_factor, args.style)
-        meta = write_splits(args.out_dir, args.train, args.test, args.seed, difficulty, n_val=args.val)
+        excluded = [json.loads(line)["prompt"] for path in args.exclude
+                    for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        meta = write_splits(args.out_dir, args.train, args.test, args.seed, difficulty, n_val=args.val,
+                            exclude=excluded)
     except ValueError as error:
         print(f"generate: {error}", file=sys.stderr)
         return 2

@@ -129,10 +129,12 @@ def _quality():
 
 # ------------------------------------------------------------------------------------- data, base
 
-def _generate(out: Path, train: int, val: int, test: int, seed: int, steps: str, style: str) -> list[str]:
+def _generate(out: Path, train: int, val: int, test: int, seed: int, steps: str, style: str,
+              exclude: Path | None = None) -> list[str]:
     q = _quality()
     return [sys.executable, "-m", "bench.quality_task.generate", q._rel(out), "--train", str(train),
-            "--val", str(val), "--test", str(test), "--seed", str(seed), "--steps", steps, "--style", style]
+            "--val", str(val), "--test", str(test), "--seed", str(seed), "--steps", steps, "--style", style,
+            *(["--exclude", q._rel(exclude)] if exclude is not None else [])]
 
 
 def _build(tokenizer: str, jsonl: Path, corpus: Path) -> list[str]:
@@ -195,7 +197,10 @@ def prepare_base(regime: Regime, out: Path, env: Mapping[str, str], device: str)
 def prepare_data(regime: Regime, out: Path, tokenizer: str, env: Mapping[str, str]) -> dict[str, Any]:
     q = _quality()
     synth, corpus = out / "synth", out / "corpus"
-    gen = _generate(synth, regime.n_train, regime.n_val, regime.n_test, regime.data_seed, regime.steps, "words")
+    # The tiny base's own training problems are never fine-tuning, validation or test problems.
+    base_rows = out / "base" / "synth" / "train.jsonl"
+    gen = _generate(synth, regime.n_train, regime.n_val, regime.n_test, regime.data_seed, regime.steps, "words",
+                    exclude=base_rows if regime.base == "tiny" else None)
     build = _build(tokenizer, synth / "train.jsonl", corpus)
 
     def make() -> dict[str, Any]:

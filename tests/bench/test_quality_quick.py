@@ -23,6 +23,7 @@ from bench.quality_task.generate import (  # noqa: E402
     solve_prompt,
     write_splits,
 )
+from bench.quality_task.generate import main as generate_main  # noqa: E402
 from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory  # noqa: E402
 from tests.helpers.assets import TINY_TOKENIZER  # noqa: E402
 from tests.helpers.limits import CI_LIMIT_S  # noqa: E402
@@ -71,6 +72,22 @@ def test_splits_are_disjoint_and_deterministic(tmp_path: Path) -> None:
     assert meta["train"] == 50 and meta["difficulty"]["max_steps"] == Difficulty().max_steps
     rows = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
     assert rows == generate_splits(50, 20, seed=7)[1]
+
+
+def test_excluded_prompts_are_never_drawn(tmp_path: Path) -> None:
+    """The fine-tuning splits leave out the base model's own training problems (same distribution)."""
+    words = Difficulty(min_steps=2, max_steps=3, style="words")
+    base_rows, _ = generate_splits(2000, 0, seed=1000, difficulty=words)
+    base = {r["prompt"] for r in base_rows}
+    train, test = generate_splits(200, 100, seed=4321, difficulty=words)
+    assert {r["prompt"] for r in train + test} & base  # without exclusion, the space is small enough to overlap
+    base_file = tmp_path / "base.jsonl"
+    base_file.write_text("".join(json.dumps(r) + "\n" for r in base_rows))
+    assert generate_main([str(tmp_path / "ft"), "--train", "200", "--val", "50", "--test", "100", "--seed", "4321",
+                          "--steps", "2-3", "--style", "words", "--exclude", str(base_file)]) == 0
+    drawn = [json.loads(line)["prompt"] for name in ("train", "val", "test")
+             for line in (tmp_path / "ft" / f"{name}.jsonl").read_text().splitlines()]
+    assert len(drawn) == 350 and not set(drawn) & base
 
 
 def test_too_small_a_space_is_an_error() -> None:
