@@ -176,3 +176,12 @@ def test_sweep_options_are_checked_before_anything_runs(argv: list[str], message
     with pytest.raises(SystemExit) as stopped:
         quality.main(argv + ["--out", "/nonexistent/never-written"])
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_tiny_base_is_plain_sft(tmp_path: Path) -> None:
+    """The recipe's default is ReMask; the shared base every cell starts from must not be trained with it."""
+    from composer_remask.train import load_config
+
+    command = sweep.base_train_command(sweep.REGIMES["full"], tmp_path / "base")
+    cfg = load_config(REPO / command[2], command[3:])
+    assert (cfg.algorithms["remask"]["mask_prob"], cfg.algorithms["remask"]["weight"]) == (0.0, 0.0)
