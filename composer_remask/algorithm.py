@@ -28,7 +28,14 @@ from composer.loggers import Logger
 from composer.utils import dist
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from composer_remask.batch import DIVERGENCE_MASK_KEY, TOKEN_ROLES_KEY, forward_passes
+from composer_remask.batch import (
+    DIVERGENCE_MASK_KEY,
+    LAYOUT_FULL,
+    LAYOUT_FULL_AND_MASKED,
+    LAYOUT_MASKED_ONLY,
+    TOKEN_ROLES_KEY,
+    forward_passes,
+)
 from composer_remask.lean_path import (
     LOSS_IMPLS,
     HiddenStateCapture,
@@ -73,6 +80,10 @@ class ReMask(Algorithm):
         answer_only_prob: per-example probability of dropping every rationale label (card 0.1).
         mask_prob_warmup: fraction of training over which ``mask_prob`` ramps linearly from 0.
         detach_full: stop the divergence's gradient through the full pass (teacher-style).
+        masked_only: train one pass on the masked input only, with the cross-entropy against the
+            labels (Masked Thought as its paper trains it; pair it with ``mask_strategy="random"``
+            for its GSM8K setting). Needs ``weight=0``: there is no full pass to compare with.
+            ``weight=0`` alone is the card's run without regularization (both passes).
         seed: seed of the masks; ``None`` uses the trainer's ``rank_zero_seed`` (the restored one
             when resuming). Saved in checkpoints, so a resumed run draws the same masks.
         loss_weighting: ``auto`` (default) reads the weight the Trainer gives each microbatch
@@ -100,6 +111,7 @@ class ReMask(Algorithm):
         answer_only_prob: float = 0.1,
         mask_prob_warmup: float = 0.0,
         detach_full: bool = False,
+        masked_only: bool = False,
         seed: int | None = None,
         loss_weighting: str = "auto",
         loss_impl: str = "auto",
@@ -117,12 +129,18 @@ class ReMask(Algorithm):
                                      ("loss_impl", loss_impl, LOSS_IMPLS)):
             if value not in allowed:
                 raise ValueError(f"ReMask: unknown {name} {value!r}; choose one of {tuple(allowed)}")
+        if not isinstance(masked_only, bool):
+            raise TypeError(f"ReMask: masked_only must be True or False, got {masked_only!r}")
+        if masked_only and self.weight > 0:
+            raise ValueError(f"ReMask: masked_only=True trains one pass on the masked input, so there is no full pass "
+                             f"for the divergence; set weight=0 (got weight={self.weight}).")
         if chunk_rows is not None and int(chunk_rows) < 1:
             raise ValueError(f"ReMask: chunk_rows must be a positive integer, got {chunk_rows!r}")
         self.divergence = divergence
         self.mask_strategy = mask_strategy
         self.mask_token_id = mask_token_id
         self.detach_full = bool(detach_full)
+        self.masked_only = masked_only
         self.seed = seed
         self.loss_weighting = loss_weighting
         self.loss_impl = loss_impl
@@ -148,9 +166,21 @@ class ReMask(Algorithm):
         self._loss: dict[str, torch.Tensor] | None = None
 
     @property
+    def layout(self) -> str:
+        """Which passes run (``composer_remask.batch.LAYOUTS``): ``mask_prob == 0`` is one full pass."""
+        if self.mask_prob <= 0:
+            return LAYOUT_FULL
+        return LAYOUT_MASKED_ONLY if self.masked_only else LAYOUT_FULL_AND_MASKED
+
+    @property
     def two_pass(self) -> bool:
-        """Whether a masked second pass runs at all (``mask_prob == 0`` is one pass)."""
-        return self.mask_prob > 0
+        """Whether a masked second pass runs next to the full one."""
+        return self.layout == LAYOUT_FULL_AND_MASKED
+
+    @property
+    def draws_masks(self) -> bool:
+        """Whether some pass runs on masked input."""
+        return self.layout != LAYOUT_FULL
 
     # ----------------------------------------------------------------------------- Composer hooks
 
@@ -196,8 +226,8 @@ class ReMask(Algorithm):
 
     def __repr__(self) -> str:
         arguments = ("mask_prob", "weight", "divergence", "mask_strategy", "mask_token_id", "rationale_label_drop_prob",
-                     "answer_only_prob", "mask_prob_warmup", "detach_full", "seed", "loss_weighting", "loss_impl",
-                     "chunk_rows")
+                     "answer_only_prob", "mask_prob_warmup", "detach_full", "masked_only", "seed", "loss_weighting",
+                     "loss_impl", "chunk_rows")
         return f"ReMask({', '.join(f'{name}={getattr(self, name)!r}' for name in arguments)})"
 
     # ------------------------------------------------------------------------------- INIT / FIT
@@ -208,7 +238,7 @@ class ReMask(Algorithm):
         self._composer_model = model
         hf_model = getattr(model, "model", None)
         self._vocabulary = MaskVocabulary.from_model(hf_model, getattr(model, "tokenizer", None), self.mask_strategy,
-                                                     self.mask_token_id, replaces=self.two_pass)
+                                                     self.mask_token_id, replaces=self.draws_masks)
         self._impl = choose_loss_impl(self.loss_impl, hf_model, getattr(model, "model_forward_args", None))
 
     def _fit_start(self, state: State) -> None:
@@ -237,14 +267,14 @@ class ReMask(Algorithm):
     def _prepare_batch(self, state: State, logger: Logger) -> None:
         check_batch(state.batch)
         self._warn_if_label_rules_do_nothing(state.batch)
-        mask_prob = self.current_mask_prob(state) if self.two_pass else 0.0
+        mask_prob = self.current_mask_prob(state) if self.draws_masks else 0.0
         state.batch, local = prepare_batch(
-            state.batch, self._vocabulary, mask_prob=mask_prob, two_pass=self.two_pass, seed=int(self._seed or 0),
+            state.batch, self._vocabulary, mask_prob=mask_prob, layout=self.layout, seed=int(self._seed or 0),
             batch_index=int(state.timestamp.batch), rationale_label_drop_prob=self.rationale_label_drop_prob,
             answer_only_prob=self.answer_only_prob)
         self._counts = GlobalCounts.gather(local, state.device)
         self._prepared_rows = int(local[0])
-        if self.two_pass:
+        if self.draws_masks:
             maskable = self._counts.maskable
             logger.log_metrics({"remask/mask_prob": mask_prob,
                                 "remask/mask_fraction": self._counts.masked / maskable if maskable else 0.0})
@@ -264,7 +294,7 @@ class ReMask(Algorithm):
     # ------------------------------------------------------------------------------ BEFORE_FORWARD
 
     def _double_batch(self, state: State) -> None:
-        problem = microbatch_problem(state.batch, self._vocabulary, self.two_pass)
+        problem = microbatch_problem(state.batch, self._vocabulary, self.layout)
         if problem is not None:
             others = [type(a).__name__ for a in state.algorithms if a is not self]
             raise RuntimeError(
@@ -276,7 +306,7 @@ class ReMask(Algorithm):
                 "any list order works there.")
         self._full_batch = dict(state.batch)
         self._trained_rows += int(state.batch["input_ids"].shape[0])
-        inputs = forward_batch(state.batch, self.two_pass)
+        inputs = forward_batch(state.batch, self.layout)
         if self._impl == "hidden":
             inputs["logits_to_keep"] = 1
             self._capture.install(self._composer_model.model)
@@ -343,7 +373,9 @@ class ReMask(Algorithm):
             # Route backward through the model's own output as well (its value is unchanged): FSDP
             # hooks the root module's outputs to start its backward bookkeeping there.
             total = total + 0.0 * model_logits.float().sum()
-        loss = {"total": total, "ce_full": sums.ce_full * scales.ce}
+        # With one pass, its CE is the full sequence's, or the masked one's under masked_only.
+        single = "ce_masked" if self.layout == LAYOUT_MASKED_ONLY else "ce_full"
+        loss = {"total": total, single: sums.ce_full * scales.ce}
         if self.two_pass:
             loss["ce_masked"] = sums.ce_masked * scales.ce
             loss["divergence"] = sums.divergence * scales.divergence

@@ -37,9 +37,18 @@ TOKEN_ROLES_KEY = "token_roles"
 # Added by ReMask when it prepares a batch (Event.BATCH_START); Composer splits them with the batch.
 DIVERGENCE_MASK_KEY = "remask_divergence_mask"  # positions predicted before the ReMask-CoT label rules
 MASKED_INPUT_IDS_KEY = "remask_masked_input_ids"  # input of the masked pass (absent with one pass)
+MASKED_ONLY_INPUT_IDS_KEY = "remask_masked_only_input_ids"  # input of the only pass (masked-only objective)
 SAMPLE_KEYS_KEY = "remask_sample_keys"  # (B,) int64: each row's content key, to see a changed microbatch
 ROW_COUNTS_KEY = "remask_row_counts"  # (B, 2): each row's CE and divergence token counts, likewise
-PREPARED_KEYS = (DIVERGENCE_MASK_KEY, MASKED_INPUT_IDS_KEY, SAMPLE_KEYS_KEY, ROW_COUNTS_KEY)
+PREPARED_KEYS = (DIVERGENCE_MASK_KEY, MASKED_INPUT_IDS_KEY, MASKED_ONLY_INPUT_IDS_KEY, SAMPLE_KEYS_KEY, ROW_COUNTS_KEY)
+
+# How a prepared microbatch runs through the model: the full rows only (SFT), full and masked rows
+# in one forward (ReMask, and the card's run without the divergence), or the masked rows only
+# (Masked Thought as its paper trains it: one pass on the masked input, CE against the labels).
+LAYOUT_FULL = "full"
+LAYOUT_FULL_AND_MASKED = "full+masked"
+LAYOUT_MASKED_ONLY = "masked"
+LAYOUTS = (LAYOUT_FULL, LAYOUT_FULL_AND_MASKED, LAYOUT_MASKED_ONLY)
 
 
 def tokenizer_pad_id(tokenizer) -> int | None:
@@ -77,7 +86,8 @@ COUNTS_PASSES_ATTR = "flops_count_remask_passes"
 
 
 def forward_passes(batch) -> int:
-    """Forward+backward passes ReMask runs on this (prepared) batch: 2 with a masked pass, else 1.
+    """Forward+backward passes ReMask runs on this (prepared) batch: 2 with a second, masked pass, else 1
+    (also for the masked-only objective, whose single pass runs on the masked input).
 
     The seam for FLOP counting: ``flops_per_batch`` of one pass times this counts what ran.
     """

@@ -15,7 +15,12 @@ import torch
 
 from composer_remask.batch import (
     DIVERGENCE_MASK_KEY,
+    LAYOUT_FULL,
+    LAYOUT_FULL_AND_MASKED,
+    LAYOUT_MASKED_ONLY,
+    LAYOUTS,
     MASKED_INPUT_IDS_KEY,
+    MASKED_ONLY_INPUT_IDS_KEY,
     PREPARED_KEYS,
     ROW_COUNTS_KEY,
     SAMPLE_KEYS_KEY,
@@ -32,6 +37,14 @@ def _to_int64(keys: list[int]) -> torch.Tensor:
     return torch.tensor([k - (1 << 64) if k >= _SIGN else k for k in keys], dtype=torch.int64)
 
 
+def _masked_key(layout: str) -> str | None:
+    """The batch key holding the masked input ``layout`` runs, if any."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    return {LAYOUT_FULL: None, LAYOUT_FULL_AND_MASKED: MASKED_INPUT_IDS_KEY,
+            LAYOUT_MASKED_ONLY: MASKED_ONLY_INPUT_IDS_KEY}[layout]
+
+
 def check_batch(batch: Any) -> None:
     if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
         keys = list(batch.keys()) if isinstance(batch, Mapping) else type(batch).__name__
@@ -40,37 +53,43 @@ def check_batch(batch: Any) -> None:
 
 
 def prepare_batch(
-    batch: Mapping[str, Any], vocabulary: MaskVocabulary, *, mask_prob: float, two_pass: bool, seed: int,
+    batch: Mapping[str, Any], vocabulary: MaskVocabulary, *, mask_prob: float, layout: str, seed: int,
     batch_index: int, rationale_label_drop_prob: float, answer_only_prob: float,
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """The prepared batch, and this rank's counts ``[rows, CE tokens, divergence tokens, masked, maskable]``."""
+    """The prepared batch, and this rank's counts ``[rows, CE tokens, divergence tokens, masked, maskable]``.
+
+    ``layout`` (``composer_remask.batch.LAYOUTS``) says which passes will run; masks are drawn only
+    for a layout with a masked pass.
+    """
     check_batch(batch)
+    masked_key = _masked_key(layout)
     keys = content_sample_keys(batch["input_ids"], batch.get("attention_mask"), vocabulary.pad_token_id)
     masked = remask_batch(
         batch["input_ids"], batch["labels"], batch.get(TOKEN_ROLES_KEY), batch.get("attention_mask"),
-        mask_prob=mask_prob if two_pass else 0.0, vocabulary=vocabulary, seed=seed, batch_index=batch_index,
+        mask_prob=mask_prob if masked_key else 0.0, vocabulary=vocabulary, seed=seed, batch_index=batch_index,
         rationale_label_drop_prob=rationale_label_drop_prob, answer_only_prob=answer_only_prob, sample_keys=keys)
     prepared = dict(batch)
     prepared["labels"] = masked.labels
     prepared[DIVERGENCE_MASK_KEY] = masked.divergence_mask
     prepared[SAMPLE_KEYS_KEY] = _to_int64(keys).to(masked.labels.device)
     prepared[ROW_COUNTS_KEY] = row_counts(masked.labels, masked.divergence_mask)
-    if two_pass:
-        prepared[MASKED_INPUT_IDS_KEY] = masked.masked_input_ids
+    if masked_key:
+        prepared[masked_key] = masked.masked_input_ids
     counts = torch.tensor([masked.labels.shape[0], num_loss_tokens(masked.labels),
                            int(masked.divergence_mask[:, 1:].sum()), int(masked.input_mask.sum()),
                            int(masked.maskable.sum())], dtype=torch.float64)
     return prepared, counts
 
 
-def microbatch_problem(microbatch: Any, vocabulary: MaskVocabulary, two_pass: bool) -> str | None:
-    """Why this microbatch is not rows of a prepared batch, unchanged; ``None`` when it is."""
-    required = (DIVERGENCE_MASK_KEY, SAMPLE_KEYS_KEY, ROW_COUNTS_KEY) + ((MASKED_INPUT_IDS_KEY,) if two_pass else ())
+def microbatch_problem(microbatch: Any, vocabulary: MaskVocabulary, layout: str) -> str | None:
+    """Why this microbatch is not rows of a batch prepared for ``layout``, unchanged; ``None`` when it is."""
+    masked_key = _masked_key(layout)
+    shaped = ("labels", DIVERGENCE_MASK_KEY) + ((masked_key,) if masked_key else ())
+    required = (*shaped, SAMPLE_KEYS_KEY, ROW_COUNTS_KEY)
     if not isinstance(microbatch, Mapping) or any(k not in microbatch for k in required):
         return "ReMask's keys are missing"
     ids = microbatch["input_ids"]
-    shapes = [microbatch[k].shape for k in ("labels", DIVERGENCE_MASK_KEY) + ((MASKED_INPUT_IDS_KEY,) if two_pass
-                                                                            else ())]
+    shapes = [microbatch[k].shape for k in shaped]
     if any(shape != ids.shape for shape in shapes) or microbatch[SAMPLE_KEYS_KEY].shape[0] != ids.shape[0]:
         return "its shape changed"
     keys = _to_int64(content_sample_keys(ids, microbatch.get("attention_mask"), vocabulary.pad_token_id))
@@ -82,18 +101,23 @@ def microbatch_problem(microbatch: Any, vocabulary: MaskVocabulary, two_pass: bo
     return None
 
 
-def forward_batch(microbatch: Mapping[str, Any], two_pass: bool) -> dict[str, Any]:
-    """The model's input: ``[full; masked]`` along the batch (full only without a masked pass).
+def forward_batch(microbatch: Mapping[str, Any], layout: str) -> dict[str, Any]:
+    """The model's input for ``layout``: ``[full; masked]`` along the batch, the full rows only, or
+    the masked rows only (the same attention mask and other keys: masking replaces tokens in place).
 
     Labels, token roles and ReMask's keys stay out: the loss is computed from the outputs.
     """
+    masked_key = _masked_key(layout)
     rows = int(microbatch["input_ids"].shape[0])
     inputs: dict[str, Any] = {}
     for key, value in microbatch.items():
         if key in PREPARED_KEYS or key in ("labels", TOKEN_ROLES_KEY):
             continue
-        if two_pass and isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows:
-            second = microbatch[MASKED_INPUT_IDS_KEY] if key == "input_ids" else value
+        if layout == LAYOUT_MASKED_ONLY and key == "input_ids":
+            value = microbatch[masked_key].to(value.device)
+        elif layout == LAYOUT_FULL_AND_MASKED and isinstance(value, torch.Tensor) and value.dim() > 0 \
+                and value.shape[0] == rows:
+            second = microbatch[masked_key] if key == "input_ids" else value
             value = torch.cat([value, second.to(value.device)], dim=0)
         inputs[key] = value
     return inputs

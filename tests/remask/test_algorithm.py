@@ -392,3 +392,53 @@ def test_uneven_last_microbatch_is_exact(tiny_tokenizer):
         results[microbatch] = (weights(model), logged(logger, "loss/train/total"))
     assert max_weight_diff(results[3][0], results[4][0]) < 1e-5
     assert results[3][1] == pytest.approx(results[4][1], abs=1e-6)
+
+
+def _first_inputs_and_losses(tokenizer, algo):
+    """The input_ids the model saw in the first forward, and the logged losses of one batch."""
+    seen = []
+    model = build_model(tokenizer)
+    model.model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].clone()),
+                                          with_kwargs=True)
+    loader = DataLoader(CoTDataset(tokenizer, 4), batch_size=4, collate_fn=collate)
+    trainer = Trainer(model=model, train_dataloader=loader, max_duration="1ba", algorithms=[algo],
+                      loggers=[logger := InMemoryLogger()], device="cpu", device_train_microbatch_size=4,
+                      progress_bar=False, optimizers=torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer.fit()
+    return seen[0], {k.removeprefix("loss/train/"): logged(logger, k)[0] for k in logger.data
+                     if k.startswith("loss/train/")}
+
+
+@pytest.mark.parametrize("strategy", ["mask_token", "random"])
+def test_masked_only_is_one_pass_on_the_masked_half_of_the_two_pass_run(tiny_tokenizer, strategy):
+    """Masked Thought as its paper trains it: the model sees exactly ReMask's masked rows, once, and
+    the loss is Hugging Face's own CE on them against the labels."""
+    no_rules = dict(rationale_label_drop_prob=0.0, answer_only_prob=0.0, seed=4, mask_strategy=strategy)
+    both_ids, both = _first_inputs_and_losses(tiny_tokenizer, ReMask(mask_prob=0.4, weight=0.0, **no_rules))
+    only_ids, only = _first_inputs_and_losses(tiny_tokenizer, ReMask(mask_prob=0.4, weight=0.0, masked_only=True,
+                                                                     **no_rules))
+    _, sft = _first_inputs_and_losses(tiny_tokenizer, ReMask(mask_prob=0.0, **no_rules))
+    rows = only_ids.shape[0]
+    assert both_ids.shape[0] == 2 * rows and torch.equal(only_ids, both_ids[rows:])
+    assert not torch.equal(only_ids, both_ids[:rows])
+    assert set(only) == {"total", "ce_masked"}
+    # Noise floor: the same rows computed inside a [full; masked] forward and in a forward of their own.
+    floor = abs(both["ce_full"] - sft["ce_full"])
+    bound = 4 * floor + 8 * torch.finfo(torch.float32).eps * abs(both["ce_masked"])
+    print(f"[{strategy}] |ce_masked(one pass) - ce_masked(two passes)| = "
+          f"{abs(only['ce_masked'] - both['ce_masked']):.2e} (floor {floor:.2e}, bound {bound:.2e})")
+    assert abs(only["ce_masked"] - both["ce_masked"]) <= bound
+    assert only["total"] == only["ce_masked"]
+    batch = collate([CoTDataset(tiny_tokenizer, 4)[i] for i in range(4)])
+    with torch.no_grad():
+        expected = build_model(tiny_tokenizer).model(input_ids=only_ids, attention_mask=batch["attention_mask"],
+                                                     labels=batch["labels"]).loss.item()
+    assert abs(only["total"] - expected) <= bound
+
+
+def test_masked_only_refuses_a_divergence_weight_and_non_bools():
+    with pytest.raises(ValueError, match="masked_only=True.*weight=0"):
+        ReMask(masked_only=True, weight=0.1)
+    with pytest.raises(TypeError, match="masked_only must be True or False"):
+        ReMask(masked_only="False", weight=0.0)
+    assert "masked_only=True" in repr(ReMask(masked_only=True, weight=0.0))
