@@ -554,6 +554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     epochs.add_argument("--base", default="tiny",
                         help="epochs regime: 'tiny' (trained here) or a remask-import-gguf name, e.g. smollm2-135m "
                              "(implies --regime epochs)")
+    epochs.add_argument("--grid", help="a named grid of bench/quality_task/sweep.py (e.g. smollm2-135m-cpu: the "
+                                       "powered comparison on the pretrained base); implies --regime epochs")
     epochs.add_argument("--cells", help="comma-separated sweep cells (default: the regime's)")
     epochs.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the regime's)")
     epochs.add_argument("--n-val", type=int, help="validation problems")
@@ -566,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     epochs.add_argument("--collect", nargs="+", metavar="RUN_DIR",
                         help="rebuild the report from finished run folders (<cell>-s<seed>) instead of running")
     args = parser.parse_args(argv)
-    if args.regime == "epochs" or args.base != "tiny":
+    if args.regime == "epochs" or args.base != "tiny" or args.grid:
         return _main_epochs(args, parser, argv)
     for option, value in (("--base-data", args.base_data), ("--ops", args.ops)):
         if value is not None:
@@ -669,7 +671,14 @@ def _main_epochs(args: argparse.Namespace, parser: argparse.ArgumentParser, argv
         sys.path.insert(0, str(REPO))
     from bench.quality_task import sweep
 
-    if args.base != "tiny":
+    if args.grid:
+        if args.grid not in sweep.REGIMES or args.base != "tiny":
+            parser.error(f"--grid {args.grid!r}: known grids: {', '.join(sweep.REGIMES)} (--base comes with the grid)")
+        regime = sweep.REGIMES[args.grid]
+        if args.quick:  # a smoke test of the whole grid's path: every cell, one seed, tiny splits
+            regime = dataclasses.replace(regime, name=f"{args.grid}-quick", seeds=(0,), epochs=1, n_train=32,
+                                         n_val=8, n_test=8, lr_pilot=regime.lr_pilot[:2])
+    elif args.base != "tiny":
         if args.base not in sweep.REGIMES:
             parser.error(f"--base {args.base!r}: known bases: tiny, {', '.join(r for r in sweep.REGIMES if r not in ('quick', 'full'))}")
         regime = sweep.REGIMES[args.base]
@@ -703,15 +712,20 @@ def _main_epochs(args: argparse.Namespace, parser: argparse.ArgumentParser, argv
     for key in ("epochs", "batch", "n_train", "n_val", "n_test", "lr", "base_steps"):
         if getattr(args, key) is not None:
             changes[key] = getattr(args, key)
+    if args.lr is not None:
+        changes["lr_pilot"] = ()   # a rate given by hand replaces the pilot that would choose it
     if args.set:
         changes["extra"] = tuple(args.set)
     regime = dataclasses.replace(regime, **changes)
-    suffix = "" if args.base == "tiny" else f"-{args.base}"
+    suffix = f"-{args.grid}" if args.grid else "" if args.base == "tiny" else f"-{args.base}"
     out = Path(args.out or f"runs/quality-epochs{suffix}{'-quick' if args.quick else ''}")
     out = out if out.is_absolute() else REPO / out
     results_dir = Path(args.results) if args.results else (
-        out if args.quick else REPO / "bench" / "results" / f"epochs{suffix}")
+        out if args.quick else REPO / "bench" / "results" / (args.grid or f"epochs{suffix}"))
     if args.report_only:
+        if (results_dir / "settings.json").is_file():  # a grid that keeps one record per finished run
+            print(sweep.report_from_records(results_dir))
+            return 0
         results = json.loads((results_dir / "quality_epochs.json").read_text())
         print(sweep.report(results, results_dir))
         return 0

@@ -13,6 +13,8 @@ Per split and evaluation:
   target (GSM8K-style strict match); ``accuracy_flexible``: the last number of the generation;
 - ``accuracy_by_length`` / ``accuracy_flexible_by_length``: the same by chain length (operations
   in the problem);
+- ``correct`` / ``correct_flexible``: per row, 1 or 0 (the paired analysis compares methods row by
+  row over the same problems);
 - ``step_acc_teacher_forced``: the share of rationale steps whose result the model predicts
   (greedy, every token) given the prompt and the *gold* rationale before it;
   ``predicted_by_length``: ``step_acc_teacher_forced ** L``, the accuracy at chain length L if
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -134,6 +137,8 @@ def evaluate_rows(model: Any, tokenizer: Any, rows: Sequence[Mapping[str, str]],
         "accuracy_by_length": {str(k): sum(v) / len(v) for k, v in sorted(by_length.items())},
         "accuracy_flexible_by_length": {str(k): sum(v) / len(v) for k, v in sorted(flexible_by_length.items())},
         "count_by_length": {str(k): len(v) for k, v in sorted(by_length.items())},
+        "correct": [int(ok) for ok in strict],
+        "correct_flexible": [int(ok) for ok in flexible],
         "step_acc_teacher_forced": step_acc,
         "predicted_by_length": {str(k): step_acc ** k for k in sorted(by_length)},
         "examples": [{"prompt": r["prompt"], "target": r["target"], "generation": g}
@@ -147,35 +152,88 @@ try:  # the callback needs Composer (present wherever train.py runs)
 
     from composer_remask.train import registry
 
+    TEST_AT = ("every_epoch", "val_best_and_last", "never")
+
     class EpochEval(Callback):
-        """Evaluate at fit start and after every epoch; one JSON line per evaluation in ``out``."""
+        """Evaluate at fit start and after every epoch; one JSON line per evaluation in ``out``.
+
+        ``test_at="every_epoch"`` evaluates every split each time. ``"val_best_and_last"`` evaluates
+        only the ``val`` split each time, keeps a copy of the weights whenever validation ``metric``
+        improves (the earliest epoch on ties, as the sweep chooses), and evaluates the ``test`` split
+        at fit end on those weights and on the last ones: the two test numbers the analysis uses,
+        at a fraction of the cost of a large test split every epoch. ``"never"`` evaluates ``val``
+        only (a learning-rate pilot).
+        """
 
         def __init__(self, splits: Mapping[str, str], out: str, limit: int | None = None,
-                     max_new_tokens: int = 80, batch_size: int = 64) -> None:
+                     max_new_tokens: int = 80, batch_size: int = 64, test_at: str = "every_epoch",
+                     metric: str = "accuracy") -> None:
+            if test_at not in TEST_AT:
+                raise ValueError(f"quality_epoch_eval: test_at must be one of {TEST_AT}, got {test_at!r}")
             self.splits = {name: load_rows(path, limit) for name, path in dict(splits).items()}
+            if test_at != "every_epoch" and set(self.splits) != {"val", "test"}:
+                raise ValueError(f"quality_epoch_eval: test_at={test_at!r} needs exactly the splits val and test")
             self.out = Path(out)
             self.max_new_tokens = max_new_tokens
             self.batch_size = batch_size
+            self.test_at = test_at
+            self.metric = metric
+            self._best: tuple[float, int, dict[str, torch.Tensor]] | None = None  # (val metric, epoch, weights)
 
-        def _evaluate(self, state: State, logger: Logger) -> None:
+        def _evaluate(self, state: State, logger: Logger, names: Sequence[str]) -> dict[str, Any]:
             model = state.model.model
             tokenizer = state.model.tokenizer
             record: dict[str, Any] = {"epoch": int(state.timestamp.epoch), "batch": int(state.timestamp.batch)}
-            for name, rows in self.splits.items():
-                record[name] = evaluate_rows(model, tokenizer, rows, max_new_tokens=self.max_new_tokens,
+            for name in names:
+                start = time.monotonic()
+                record[name] = evaluate_rows(model, tokenizer, self.splits[name], max_new_tokens=self.max_new_tokens,
                                              batch_size=self.batch_size)
+                record[name]["seconds"] = round(time.monotonic() - start, 1)
                 logger.log_metrics({f"quality/{name}/accuracy": record[name]["accuracy"]})
+            return record
+
+        def _write(self, record: Mapping[str, Any]) -> None:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             with self.out.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
 
+        def _evaluate_and_write(self, state: State, logger: Logger) -> None:
+            if self.test_at == "every_epoch":
+                self._write(self._evaluate(state, logger, list(self.splits)))
+                return
+            record = self._evaluate(state, logger, ["val"])
+            self._write(record)
+            score = record["val"][self.metric]
+            if self.test_at == "never":
+                return
+            if record["epoch"] > 0 and (self._best is None or score > self._best[0]):
+                weights = {k: v.detach().to("cpu", copy=True) for k, v in state.model.model.state_dict().items()}
+                self._best = (score, record["epoch"], weights)
+
         def fit_start(self, state: State, logger: Logger) -> None:
             if int(state.timestamp.batch) == 0:
                 self.out.unlink(missing_ok=True)
-                self._evaluate(state, logger)
+                self._evaluate_and_write(state, logger)
 
         def epoch_end(self, state: State, logger: Logger) -> None:
-            self._evaluate(state, logger)
+            self._evaluate_and_write(state, logger)
+
+        def fit_end(self, state: State, logger: Logger) -> None:
+            if self.test_at in ("every_epoch", "never"):
+                return
+            last = self._evaluate(state, logger, ["test"])
+            self._write(last)
+            if self._best is not None and self._best[1] != last["epoch"]:
+                model = state.model.model
+                final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                model.load_state_dict(self._best[2])
+                try:
+                    record = self._evaluate(state, logger, ["test"])
+                finally:
+                    model.load_state_dict(final)
+                record["epoch"] = self._best[1]
+                self._write(record)
+            self._best = None
 
     if "quality_epoch_eval" not in registry.callbacks:
         registry.callbacks.register("quality_epoch_eval", EpochEval)

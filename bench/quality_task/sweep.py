@@ -31,6 +31,7 @@ import platform
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -52,18 +53,34 @@ class Cell:
     mask_prob: float
     weight: float
     divergence: str = "sym_kl"
+    mask_strategy: str = "mask_token"
+    masked_only: bool = False          # one pass on the masked input (Masked Thought as its paper trains it)
 
     @property
     def method(self) -> str:
-        return "sft" if self.mask_prob == 0 else "masked_thought" if self.weight == 0 else "remask"
+        if self.mask_prob == 0:
+            return "sft"
+        if self.masked_only:
+            return "masked_thought"
+        return "no_divergence" if self.weight == 0 else "remask"
 
     @property
     def label(self) -> str:
+        random = ", random tokens" if self.mask_strategy == "random" else ""
         if self.method == "sft":
             return "SFT"
         if self.method == "masked_thought":
-            return f"Masked Thought p={self.mask_prob:g}"
-        return f"ReMask p={self.mask_prob:g} w={self.weight:g} {self.divergence}"
+            return f"Masked Thought (paper: one pass) p={self.mask_prob:g}{random}"
+        if self.method == "no_divergence":
+            return f"two passes, w=0 (card's no-regularization run) p={self.mask_prob:g}{random}"
+        return f"ReMask p={self.mask_prob:g} w={self.weight:g} {self.divergence}{random}"
+
+    def switches(self) -> list[str]:
+        """The ``train.py`` overrides that make this cell (the only ones that differ between cells)."""
+        return [f"algorithms.remask.mask_prob={self.mask_prob}", f"algorithms.remask.weight={self.weight}",
+                f"algorithms.remask.divergence={self.divergence}",
+                f"algorithms.remask.mask_strategy={self.mask_strategy}",
+                f"algorithms.remask.masked_only={str(self.masked_only).lower()}"]
 
 
 CELLS = {cell.name: cell for cell in (
@@ -75,6 +92,8 @@ CELLS = {cell.name: cell for cell in (
     Cell("remask-p0.4-w0.1", 0.4, 0.1),
     Cell("remask-p0.4-w0.5", 0.4, 0.5),
     Cell("remask-p0.4-w0.1-fkl", 0.4, 0.1, "forward_kl"),
+    Cell("mt-paper-p0.4", 0.4, 0.0, mask_strategy="random", masked_only=True),
+    Cell("remask-p0.4-w0.1-random", 0.4, 0.1, mask_strategy="random"),
 )}
 
 
@@ -104,6 +123,11 @@ class Regime:
     # words ("Answer: 36") and learns to write the tag later; its strict score then measures the tag.
     metric: str = "accuracy"
     extra: tuple[str, ...] = ()
+    # "every_epoch": test rows evaluated after every epoch (curves); "val_best_and_last": only on the
+    # validation-chosen and the last epoch's weights (a large test split at a fraction of the cost).
+    test_at: str = "every_epoch"
+    # Learning rates tried first with SFT, seed 0 (validation only); the grid then uses the best one.
+    lr_pilot: tuple[float, ...] = ()
 
 
 REGIMES = {
@@ -120,6 +144,15 @@ REGIMES = {
     "smollm2-135m": Regime("smollm2-135m", ("sft", "mt-p0.4", "remask-p0.4-w0.1"), (0, 1, 2), epochs=4, batch=16,
                            n_train=2000, n_val=150, n_test=300, lr=5e-5, base="smollm2-135m", steps="1-4",
                            max_new_tokens=64, metric="accuracy_flexible"),
+    # The powered comparison on the pretrained base, sized for this 2-core CPU (bench/results/
+    # smollm2-135m-cpu/PLAN.md): five objectives x 3 seeds, 6 epochs (the card's) over 128 problems,
+    # 500 test problems scored on the validation-chosen and the last epoch's weights; the learning
+    # rate is chosen for SFT on validation first. Strict accuracy (the card's GSM8K metric).
+    "smollm2-135m-cpu": Regime("smollm2-135m-cpu", ("sft", "mt-paper-p0.4", "mt-p0.4", "remask-p0.4-w0.1",
+                                                    "remask-p0.4-w0.1-random"), (0, 1, 2), epochs=6, batch=16,
+                               n_train=128, n_val=100, n_test=500, lr=1e-4, base="smollm2-135m", steps="1-4",
+                               max_new_tokens=64, metric="accuracy", test_at="val_best_and_last",
+                               lr_pilot=(3e-5, 1e-4, 3e-4)),
 }
 
 
@@ -232,21 +265,35 @@ def train_command(regime: Regime, cell: Cell, seed: int, run_dir: Path, data_dir
     q = _quality()
     cmd = [sys.executable, "train.py", RECIPE, f"variables.data_dir={q._rel(data_dir)}",
            f"variables.run_dir={q._rel(run_dir)}", f"variables.val_jsonl={q._rel(out / 'synth' / 'val.jsonl')}",
-           f"variables.test_jsonl={q._rel(out / 'synth' / 'test.jsonl')}", f"run_name=quality-epochs-{cell.name}-s{seed}",
+           f"variables.test_jsonl={q._rel(out / 'synth' / 'test.jsonl')}", f"run_name=quality-epochs-{run_dir.name}",
            f"seed={seed}", f"max_duration={regime.epochs}ep", f"global_train_batch_size={regime.batch}",
            f"device_train_microbatch_size={regime.batch}", f"optimizer.lr={regime.lr}",
-           f"algorithms.remask.mask_prob={cell.mask_prob}", f"algorithms.remask.weight={cell.weight}",
-           f"algorithms.remask.divergence={cell.divergence}", "model.pretrained=true",
+           *cell.switches(), "model.pretrained=true",
            f"model.pretrained_model_name_or_path={q._rel(Path(base['hf']))}", "model.config=null",
            f"tokenizer.name={base['tokenizer']}", "export_folder=null",
-           f"callbacks.quality_epoch_eval.max_new_tokens={regime.max_new_tokens}"]
+           f"callbacks.quality_epoch_eval.max_new_tokens={regime.max_new_tokens}",
+           f"callbacks.quality_epoch_eval.test_at={regime.test_at}", f"callbacks.quality_epoch_eval.metric={regime.metric}"]
     if device == "cuda":
         cmd += ["precision=amp_bf16"]
     return cmd + list(regime.extra)
 
 
 def read_epochs(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The evaluations of one run, one entry per epoch, in order.
+
+    With ``test_at="val_best_and_last"`` the evaluator writes the validation line of every epoch and,
+    at fit end, test lines for two epochs: lines of the same epoch are merged here.
+    """
+    merged: dict[int, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            merged.setdefault(int(entry["epoch"]), {}).update(entry)
+    return [merged[epoch] for epoch in sorted(merged)]
+
+
+def _with_test(evaluations: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [e for e in evaluations if "test" in e]
 
 
 def val_chosen(evaluations: Sequence[Mapping[str, Any]], metric: str = "accuracy") -> Mapping[str, Any]:
@@ -266,6 +313,11 @@ def build_record(cell: Cell, seed: int, run_dir: Path, metric: str, seconds: flo
     evaluations = read_epochs(run_dir / "epochs.jsonl")
     curves = q.read_curves(run_dir / "train_log.txt")
     final, chosen = evaluations[-1], val_chosen(evaluations, metric)
+    tested = _with_test(evaluations)
+    if "test" not in final or "test" not in chosen:
+        raise ValueError(f"{run_dir}: the test split was not evaluated at the last epoch and the validation-chosen "
+                         f"epoch {chosen['epoch']} (epochs.jsonl)")
+    eval_seconds = sum(e[split].get("seconds", 0.0) for e in evaluations for split in ("val", "test") if split in e)
     wanted = by_length_metric or metric
     by_length = f"{wanted}_by_length" if f"{wanted}_by_length" in final["test"] else "accuracy_by_length"
     keys = ("accuracy", "accuracy_flexible", "accuracy_by_length", "accuracy_flexible_by_length",
@@ -274,46 +326,106 @@ def build_record(cell: Cell, seed: int, run_dir: Path, metric: str, seconds: flo
         "cell": cell.name, "label": cell.label, "method": cell.method, "seed": seed,
         "mask_prob": cell.mask_prob, "weight": cell.weight, "divergence": cell.divergence, "metric": metric,
         "epochs": [{"epoch": e["epoch"], **{split: {k: e[split][k] for k in keys if k in e[split]}
-                                            for split in ("val", "test")}} for e in evaluations],
+                                            for split in ("val", "test") if split in e}} for e in evaluations],
         "test_final": final["test"][metric], "val_final": final["val"][metric],
         "test_final_strict": final["test"]["accuracy"], "test_final_flexible": final["test"]["accuracy_flexible"],
         "val_chosen_epoch": chosen["epoch"], "val_at_chosen": chosen["val"][metric],
         "test_at_chosen": chosen["test"][metric],
-        "test_peak": max(e["test"][metric] for e in evaluations),
-        "test_peak_epoch": max(evaluations, key=lambda e: (e["test"][metric], -e["epoch"]))["epoch"],
+        "test_peak": max(e["test"][metric] for e in tested),
+        "test_peak_epoch": max(tested, key=lambda e: (e["test"][metric], -e["epoch"]))["epoch"],
+        # Per test problem, 1 or 0 under the headline metric: the paired analysis needs them.
+        "test_final_correct": _correct(final["test"], metric),
+        "test_at_chosen_correct": _correct(chosen["test"], metric),
         "by_length_metric": by_length.removesuffix("_by_length"),
         "test_by_length_final": final["test"][by_length],
         "step_acc_teacher_forced_final": final["test"]["step_acc_teacher_forced"],
         "examples": final["test"]["examples"],
         "final_ce": q.tail_mean(curves.get("ce_full", [])), "final_divergence": q.tail_mean(curves.get("divergence", [])),
-        "train_seconds": round(seconds, 1), "train_command": command,
+        "train_seconds": round(max(0.0, seconds - eval_seconds), 1), "eval_seconds": round(eval_seconds, 1),
+        "run_seconds": round(seconds, 1), "train_command": command,
         "curves": {key: q.smooth(points, max(1, len(points) // 100)) for key, points in curves.items()},
     }
 
 
-def run_one(regime: Regime, cell: Cell, seed: int, out: Path, base: Mapping[str, Any], device: str,
-            env: Mapping[str, str], fresh: bool) -> dict[str, Any]:
+def _correct(split: Mapping[str, Any], metric: str) -> list[int] | None:
+    return split.get("correct_flexible" if metric == "accuracy_flexible" else "correct")
+
+
+def build_pilot_record(cell: Cell, seed: int, lr: float, run_dir: Path, metric: str, seconds: float,
+                       command: str) -> dict[str, Any]:
+    """A learning-rate pilot run (validation only): its curve and the score that chooses the rate."""
     q = _quality()
-    run_dir = out / "runs" / f"{cell.name}-s{seed}"
+    evaluations = read_epochs(run_dir / "epochs.jsonl")
+    curves = q.read_curves(run_dir / "train_log.txt")
+    chosen = val_chosen(evaluations, metric)
+    eval_seconds = sum(e["val"].get("seconds", 0.0) for e in evaluations)
+    return {"cell": cell.name, "seed": seed, "lr": lr, "metric": metric,
+            "val_by_epoch": {str(e["epoch"]): e["val"][metric] for e in evaluations},
+            "val_chosen_epoch": chosen["epoch"], "val_at_chosen": chosen["val"][metric],
+            "final_ce": q.tail_mean(curves.get("ce_full", [])),
+            "ce_by_epoch_end": q.smooth(curves.get("ce_full", []), max(1, len(curves.get("ce_full", [])) // 6)),
+            "train_seconds": round(max(0.0, seconds - eval_seconds), 1), "eval_seconds": round(eval_seconds, 1),
+            "train_command": command, **run_provenance()}
+
+
+def run_provenance() -> dict[str, Any]:
+    """The commit the run's code came from (a grid runs from its own clone at a fixed commit)."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=_quality().REPO, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def _same_run(record: Mapping[str, Any], cmd: Sequence[str]) -> bool:
+    """Whether ``record`` is of this command (the interpreter's path may differ between clones)."""
+    return shlex.split(record.get("train_command", ""))[1:] == list(cmd[1:])
+
+
+def run_one(regime: Regime, cell: Cell, seed: int, out: Path, base: Mapping[str, Any], device: str,
+            env: Mapping[str, str], fresh: bool, records_dir: Path | None = None,
+            pilot_lr: float | None = None) -> dict[str, Any]:
+    """Train one cell and seed (or, with ``pilot_lr``, one validation-only learning-rate pilot run).
+
+    The record is written to the run folder and, when given, to ``records_dir/<name>.json``, where a
+    later start (another session, another clone) finds it and does not run it again.
+    """
+    q = _quality()
+    name = f"{cell.name}-lr{pilot_lr:g}-s{seed}" if pilot_lr is not None else f"{cell.name}-s{seed}"
+    run_dir = out / ("lr-pilot" if pilot_lr is not None else "runs") / name
+    if pilot_lr is not None:
+        regime = dataclasses.replace(regime, lr=pilot_lr, test_at="never")
     cmd = train_command(regime, cell, seed, run_dir, run_dir / "corpus", out, base, device)
-    record_path = run_dir / "record.json"
-    if not fresh and record_path.is_file():
-        old = json.loads(record_path.read_text())
-        if old.get("train_command") == shlex.join(cmd):
-            print(f"[{cell.name} seed {seed}] reusing {q._rel(record_path)}", flush=True)
+    kept = [path for path in (records_dir / f"{name}.json" if records_dir else None, run_dir / "record.json")
+            if path is not None and path.is_file()]
+    for path in kept if not fresh else []:
+        old = json.loads(path.read_text())
+        if _same_run(old, cmd):
+            print(f"[{name}] reusing {q._rel(path)}", flush=True)
             return old
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     shutil.copytree(out / "corpus", run_dir / "corpus")  # StreamingDataset wants a private local folder
-    print(f"[{cell.name} seed {seed}] training: {shlex.join(cmd)}", flush=True)
+    print(f"[{name}] training: {shlex.join(cmd)}", flush=True)
     seconds = q.run_with_retry(cmd, run_dir / "train.log", env)
     shutil.rmtree(run_dir / "corpus", ignore_errors=True)
-    record = build_record(cell, seed, run_dir, regime.metric, seconds, shlex.join(cmd))
-    record_path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"[{cell.name} seed {seed}] test {record['test_final']:.3f} (val-chosen epoch {record['val_chosen_epoch']}: "
-          f"{record['test_at_chosen']:.3f}, peak {record['test_peak']:.3f} at {record['test_peak_epoch']})  "
-          f"{seconds:.0f} s", flush=True)
+    if pilot_lr is not None:
+        record = build_pilot_record(cell, seed, pilot_lr, run_dir, regime.metric, seconds, shlex.join(cmd))
+        summary = f"val {record['val_at_chosen']:.3f} at epoch {record['val_chosen_epoch']}"
+    else:
+        record = {**build_record(cell, seed, run_dir, regime.metric, seconds, shlex.join(cmd)), **run_provenance()}
+        summary = (f"test {record['test_final']:.3f} (val-chosen epoch {record['val_chosen_epoch']}: "
+                   f"{record['test_at_chosen']:.3f}, peak {record['test_peak']:.3f} at {record['test_peak_epoch']})")
+    text = json.dumps(record, indent=1) + "\n"
+    (run_dir / "record.json").write_text(text)
+    if records_dir is not None:
+        records_dir.mkdir(parents=True, exist_ok=True)
+        partial = records_dir / f".{name}.json.partial"
+        partial.write_text(text)
+        partial.replace(records_dir / f"{name}.json")  # never a half-written record that looks complete
+    print(f"[{name}] {summary}  {seconds:.0f} s (train {record['train_seconds']:.0f} s, evaluation "
+          f"{record['eval_seconds']:.0f} s)", flush=True)
     return record
 
 
@@ -332,7 +444,8 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
         summary[name] = {
             "label": CELLS[name].label, "runs": len(runs), **{k: _mean_std([r.get(k) for r in runs]) for k in keys},
             "test_by_epoch": {str(ep): _mean_std([e["test"][r.get("metric", "accuracy")] for r in runs
-                                                  for e in r["epochs"] if e["epoch"] == ep]) for ep in epochs},
+                                                  for e in r["epochs"] if e["epoch"] == ep and "test" in e])
+                              for ep in epochs},
             "val_by_epoch": {str(ep): _mean_std([e["val"][r.get("metric", "accuracy")] for r in runs
                                                  for e in r["epochs"] if e["epoch"] == ep]) for ep in epochs},
             "test_by_length_final": {str(n): _mean_std([r["test_by_length_final"].get(str(n)) for r in runs])
@@ -427,7 +540,13 @@ def write_markdown(results: Mapping[str, Any], path: Path) -> str:
         "",
         *by_len,
         "",
-        (f"Device {s['device']}, {s['jobs']} run(s) at a time × {s['threads']} thread(s); wall time "
+        *_paired_section(results),
+        *_pilot_section(results.get("lr_pilot")),
+        (f"Device {s['device']}, {s['jobs']} run(s) at a time × {s['threads']} thread(s) on {s['machine']}; "
+         f"{s['runs_finished']} of {s['runs_planned']} planned runs finished; {s['run_seconds_total'] / 3600:.1f} h of "
+         "run time in all (each run's train and evaluation seconds are in its record)."
+         if s.get("runs_planned") is not None else
+         f"Device {s['device']}, {s['jobs']} run(s) at a time × {s['threads']} thread(s); wall time "
          f"{s['wall_seconds'] / 60:.1f} min on {s['machine']}." if s.get("wall_seconds") is not None else
          f"Device {s['device']} on {s['machine']}; runs collected from separate processes "
          f"({', '.join(s.get('collected_from', []))}); each run's command is in the JSON (train_command)."),
@@ -439,6 +558,42 @@ def write_markdown(results: Mapping[str, Any], path: Path) -> str:
     ])
     path.write_text(text, encoding="utf-8")
     return text
+
+
+def _paired_section(results: Mapping[str, Any]) -> list[str]:
+    """Each method minus SFT, paired over seeds and test problems, with its 95% bootstrap interval."""
+    entries = [(e["label"], e["paired"]) for e in results["summary"].values() if e.get("paired")]
+    if not entries:
+        return []
+    lines = ["## Each method minus SFT (paired over the same seeds and test problems)", "",
+             "Percentage points of test accuracy; 95% interval from a two-level bootstrap (seeds and problems "
+             "resampled with replacement). A difference is claimed only where the interval excludes 0.", "",
+             "| cell | seeds | last epoch: diff (pp) | 95% interval | excludes 0 | val-chosen epoch: diff (pp) | "
+             "95% interval | excludes 0 |", "| --- | --- | ---: | --- | --- | ---: | --- | --- |"]
+    for label, paired in entries:
+        cells = []
+        for key in ("test_final_correct", "test_at_chosen_correct"):
+            entry = paired.get(key)
+            cells += (["–", "–", "–"] if entry is None else
+                      [f"{100 * entry['diff_vs_sft']:+.1f}", f"[{100 * entry['ci95'][0]:+.1f}, "
+                       f"{100 * entry['ci95'][1]:+.1f}]", "yes" if entry["excludes_zero"] else "no"])
+        seeds = next((v["seeds"] for v in paired.values() if v), [])
+        lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _pilot_section(pilot: Mapping[str, Any] | None) -> list[str]:
+    if not pilot:
+        return []
+    lines = ["## Learning rate, chosen before the grid", "", f"Rule: {pilot['rule']}. Chosen: {pilot['chosen_lr']:g}.", "",
+             "| lr | val acc by epoch (%) | val-chosen epoch | val acc there (%) | final train CE | train (s) |",
+             "| ---: | --- | ---: | ---: | ---: | ---: |"]
+    for run in pilot["runs"]:
+        curve = ", ".join(f"{100 * v:.0f}" for _, v in sorted(run["val_by_epoch"].items(), key=lambda kv: int(kv[0])))
+        ce = "–" if run.get("final_ce") is None else f"{run['final_ce']:.4f}"
+        lines.append(f"| {run['lr']:g} | {curve} | {run['val_chosen_epoch']} | {100 * run['val_at_chosen']:.1f} | "
+                     f"{ce} | {run['train_seconds']:.0f} |")
+    return [*lines, ""]
 
 
 def _base_method(base: Mapping[str, Any]) -> str:
@@ -532,7 +687,8 @@ def collect(regime: Regime, run_dirs: Sequence[Path], *, results_dir: Path, devi
     wanted = f"{regime.metric}_by_length"
     common = regime.metric if all(wanted in read_epochs(d / "epochs.jsonl")[-1]["test"] for _, _, d, _ in parsed) \
         else "accuracy"
-    records = [build_record(cell, seed, d, regime.metric, old.get("train_seconds", 0.0), old.get("train_command", ""),
+    records = [build_record(cell, seed, d, regime.metric, old.get("run_seconds", old.get("train_seconds", 0.0)),
+                            old.get("train_command", ""),
                             by_length_metric=common) for cell, seed, d, old in parsed]
     settings = {"schema": SCHEMA, "regime": "epochs", "mode": regime.name, "label": label, "command": command,
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(regime).items()
@@ -549,6 +705,74 @@ def collect(regime: Regime, run_dirs: Sequence[Path], *, results_dir: Path, devi
     return 0
 
 
+def choose_lr(pilot: Sequence[Mapping[str, Any]]) -> float:
+    """The pilot's learning rate with the best validation score at its validation-chosen epoch
+    (the smaller rate on ties)."""
+    return max(pilot, key=lambda r: (r["val_at_chosen"], -r["lr"]))["lr"]
+
+
+def paired_difference(records: Sequence[Mapping[str, Any]], cell: str, key: str = "test_final_correct",
+                      baseline: str = "sft", resamples: int = 10000, seed: int = 0) -> dict[str, Any] | None:
+    """``cell`` minus ``baseline`` in accuracy, paired over the same seeds and test problems.
+
+    The point estimate is the mean over seeds and problems of (correct under ``cell``) - (correct
+    under ``baseline``). The 95% interval is a two-level percentile bootstrap: seeds resampled with
+    replacement, and problems resampled with replacement (the same problems for every seed), so it
+    carries both the seed-to-seed and the problem-to-problem variation.
+    """
+    import numpy as np
+
+    def rows(name: str) -> dict[int, list[int]]:
+        return {r["seed"]: r[key] for r in records if r["cell"] == name and r.get(key) is not None}
+
+    ours, theirs = rows(cell), rows(baseline)
+    seeds = sorted(set(ours) & set(theirs))
+    if not seeds:
+        return None
+    lengths = {len(ours[s]) for s in seeds} | {len(theirs[s]) for s in seeds}
+    if len(lengths) != 1:
+        raise ValueError(f"paired analysis of {cell} vs {baseline}: runs scored different test sets ({lengths})")
+    diff = np.array([ours[s] for s in seeds], dtype=np.float64) - np.array([theirs[s] for s in seeds], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    n_seeds, n_problems = diff.shape
+    per_seed_draws = rng.integers(0, n_seeds, size=(resamples, n_seeds))
+    problem_draws = rng.integers(0, n_problems, size=(resamples, n_problems))
+    # For each resample: the mean over the drawn seeds of each seed's mean over the drawn problems.
+    per_seed_means = np.stack([diff[:, draw].mean(axis=1) for draw in problem_draws])   # (resamples, n_seeds)
+    means = np.take_along_axis(per_seed_means, per_seed_draws, axis=1).mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"baseline": baseline, "endpoint": key, "seeds": seeds, "n_problems": int(n_problems),
+            "diff_vs_sft": float(diff.mean()), "ci95": [float(low), float(high)],
+            "excludes_zero": bool(low > 0 or high < 0), "resamples": resamples}
+
+
+def load_records(records_dir: Path) -> list[dict[str, Any]]:
+    """Every finished run's record in ``records_dir`` (``<cell>-s<seed>.json``), in cell and seed order."""
+    records = [json.loads(path.read_text()) for path in sorted(records_dir.glob("*.json"))]
+    return sorted(records, key=lambda r: (r["seed"], list(CELLS).index(r["cell"])))
+
+
+def report_from_records(results_dir: Path) -> str:
+    """Rebuild quality_epochs.json/.md/.png from the committed files alone: ``settings.json``,
+    ``lr_pilot.json`` (if any) and ``runs/*.json``."""
+    settings = json.loads((results_dir / "settings.json").read_text())
+    records = load_records(results_dir / "runs")
+    pilot_path = results_dir / "lr_pilot.json"
+    pilot = json.loads(pilot_path.read_text()) if pilot_path.is_file() else None
+    summary = summarize(records)
+    for name in summary:
+        if name != "sft":
+            summary[name]["paired"] = {key: paired_difference(records, name, key)
+                                       for key in ("test_final_correct", "test_at_chosen_correct")}
+    done = {(r["cell"], r["seed"]) for r in records}
+    planned = [(c, s) for s in settings["seeds"] for c in settings["cells"]]
+    settings = {**settings, "runs_finished": len(done & set(planned)), "runs_planned": len(planned),
+                "run_seconds_total": round(sum(r.get("run_seconds", 0.0) for r in records), 1)}
+    results = {"settings": settings, "summary": summary, "best_on_val": best_cell(summary) if records else None,
+               "lr_pilot": pilot, "base": settings.get("base_record", {}), "runs": records}
+    return report(results, results_dir)
+
+
 def run(regime: Regime, *, out: Path, results_dir: Path, device: str, jobs: int, threads: int, fresh: bool,
         command: str, label: str = "") -> int:
     q = _quality()
@@ -562,30 +786,48 @@ def run(regime: Regime, *, out: Path, results_dir: Path, device: str, jobs: int,
     data = prepare_data(regime, out, base["tokenizer"], env)
     print(f"data: {data['rows_written']} training rows ({data['tokens']} tokens), {regime.n_val} val, "
           f"{regime.n_test} test; base {regime.base} -> {q._rel(out)}", flush=True)
-    plan = [(CELLS[name], seed) for seed in regime.seeds for name in regime.cells]
-    records: list[dict[str, Any]] = []
     failures: list[str] = []
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_one, regime, cell, seed, out, base, device, env, fresh): (cell, seed)
-                   for cell, seed in plan}
-        for future, (cell, seed) in futures.items():
-            try:
-                records.append(future.result())
-            except Exception as error:  # keep the other runs; report at the end
-                failures.append(f"{cell.name} seed {seed}: {error}")
-                print(f"[{cell.name} seed {seed}] FAILED: {error}", file=sys.stderr, flush=True)
-    wall = time.monotonic() - started
+
+    def run_all(plan: Sequence[tuple[Cell, int, float | None]], records_dir: Path) -> list[dict[str, Any]]:
+        records = []
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {pool.submit(run_one, regime, cell, seed, out, base, device, env, fresh, records_dir, lr):
+                       (cell, seed, lr) for cell, seed, lr in plan}
+            for future, (cell, seed, lr) in futures.items():
+                try:
+                    records.append(future.result())
+                except Exception as error:  # keep the other runs; report at the end
+                    failures.append(f"{cell.name} seed {seed}{'' if lr is None else f' lr {lr:g}'}: {error}")
+                    print(f"[{cell.name} seed {seed}] FAILED: {error}", file=sys.stderr, flush=True)
+        return records
+
+    pilot: dict[str, Any] | None = None
+    if regime.lr_pilot:
+        pilot_runs = run_all([(CELLS["sft"], 0, lr) for lr in regime.lr_pilot], results_dir / "lr_pilot")
+        if len(pilot_runs) != len(regime.lr_pilot):
+            print("failed runs:\n" + "\n".join(failures), file=sys.stderr)
+            return 1
+        pilot = {"rule": "SFT, seed 0, validation only: the rate with the best validation score at its "
+                         "validation-chosen epoch (the smaller on ties)",
+                 "chosen_lr": choose_lr(pilot_runs), "runs": pilot_runs}
+        results_dir.mkdir(parents=True, exist_ok=True)
+        (results_dir / "lr_pilot.json").write_text(json.dumps(pilot, indent=1) + "\n")
+        regime = dataclasses.replace(regime, lr=pilot["chosen_lr"])
+        print(f"learning rate chosen on validation: {regime.lr:g}", flush=True)
     settings = {"schema": SCHEMA, "regime": "epochs", "mode": regime.name, "label": label, "command": command,
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(regime).items()
                    if k != "name"},
                 "cell_settings": {name: dataclasses.asdict(CELLS[name]) for name in regime.cells}, "recipe": RECIPE,
-                "device": device, "jobs": jobs, "threads": threads, "wall_seconds": round(wall, 1), "data": data,
+                "device": device, "jobs": jobs, "threads": threads, "data": data, "base_record": base,
                 "machine": f"{platform.machine()} {os.cpu_count()} CPUs" + (f" ({q._gpu_name()})" if device == "cuda" else "")}
-    results = {"settings": settings, "summary": summarize(records), "best_on_val": None, "base": base, "runs": records}
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+    records = run_all([(CELLS[name], seed, None) for seed in regime.seeds for name in regime.cells],
+                      results_dir / "runs")
+    wall = time.monotonic() - started
     if records:
-        results["best_on_val"] = best_cell(results["summary"])
-        print(report(results, results_dir))
-        print(f"results: {q._rel(results_dir)}/quality_epochs.json, .md, .png  (wall time {wall / 60:.1f} min)")
+        print(report_from_records(results_dir))
+        print(f"results: {q._rel(results_dir)}/quality_epochs.json, .md, .png  (this start: {wall / 60:.1f} min)")
     if failures:
         print("failed runs:\n" + "\n".join(failures), file=sys.stderr)
         return 1

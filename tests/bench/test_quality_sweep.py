@@ -131,7 +131,7 @@ def test_cells_differ_only_in_the_algorithm_switch(tmp_path: Path) -> None:
     assert "max_duration=8ep" in commands["sft"]
 
 
-@pytest.mark.parametrize("name", ["quick", "full", "smollm2-135m"])
+@pytest.mark.parametrize("name", ["quick", "full", "smollm2-135m", "smollm2-135m-cpu"])
 def test_regimes_have_enough_seeds_and_known_cells(name: str) -> None:
     regime = sweep.REGIMES[name]
     assert set(regime.cells) <= set(sweep.CELLS)
@@ -185,3 +185,101 @@ def test_the_tiny_base_is_plain_sft(tmp_path: Path) -> None:
     command = sweep.base_train_command(sweep.REGIMES["full"], tmp_path / "base")
     cfg = load_config(REPO / command[2], command[3:])
     assert (cfg.algorithms["remask"]["mask_prob"], cfg.algorithms["remask"]["weight"]) == (0.0, 0.0)
+
+
+def test_paired_difference_is_the_mean_paired_gap_with_an_interval_around_it() -> None:
+    rng = __import__("random").Random(0)
+    sft = {s: [int(rng.random() < 0.5) for _ in range(400)] for s in (0, 1, 2)}
+    # The method fixes exactly 40 of SFT's misses on every seed and breaks none: +10 points, paired.
+    better = {s: list(rows) for s, rows in sft.items()}
+    for rows in better.values():
+        misses = [i for i, ok in enumerate(rows) if not ok][:40]
+        for i in misses:
+            rows[i] = 1
+    records = [{"cell": "sft", "seed": s, "test_final_correct": rows} for s, rows in sft.items()]
+    records += [{"cell": "remask-p0.4-w0.1", "seed": s, "test_final_correct": rows} for s, rows in better.items()]
+    paired = sweep.paired_difference(records, "remask-p0.4-w0.1")
+    assert paired["diff_vs_sft"] == pytest.approx(0.1) and paired["seeds"] == [0, 1, 2]
+    low, high = paired["ci95"]
+    assert 0 < low < 0.1 < high and paired["excludes_zero"]
+    # The same method against itself: a difference of 0 whose interval is [0, 0]; SFT against a
+    # coin-flip relabelling of itself: an interval that straddles 0.
+    same = [dict(r, cell="mt-p0.4") for r in records if r["cell"] == "sft"]
+    assert sweep.paired_difference(records + same, "mt-p0.4")["ci95"] == [0.0, 0.0]
+    shuffled = [{"cell": "mt-paper-p0.4", "seed": s, "test_final_correct": rng.sample(rows, len(rows))}
+                for s, rows in sft.items()]
+    noisy = sweep.paired_difference(records + shuffled, "mt-paper-p0.4")
+    assert noisy["ci95"][0] < 0 < noisy["ci95"][1] and not noisy["excludes_zero"]
+    assert sweep.paired_difference(records, "remask-p0.4-w0.1-random") is None
+    with pytest.raises(ValueError, match="different test sets"):
+        sweep.paired_difference(records + [{"cell": "mt-p0.4", "seed": 0, "test_final_correct": [1, 0]}], "mt-p0.4")
+
+
+def test_evaluation_lines_of_one_epoch_are_merged(tmp_path: Path) -> None:
+    lines = [{"epoch": 0, "val": {"accuracy": 0.1}}, {"epoch": 1, "val": {"accuracy": 0.5}},
+             {"epoch": 2, "val": {"accuracy": 0.3}}, {"epoch": 2, "test": {"accuracy": 0.2}},
+             {"epoch": 1, "test": {"accuracy": 0.4}}]
+    (tmp_path / "epochs.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    merged = sweep.read_epochs(tmp_path / "epochs.jsonl")
+    assert [e["epoch"] for e in merged] == [0, 1, 2]
+    assert merged[1] == {"epoch": 1, "val": {"accuracy": 0.5}, "test": {"accuracy": 0.4}}
+    assert "test" not in merged[0]
+
+
+def test_learning_rate_is_chosen_on_validation_the_smaller_on_ties() -> None:
+    pilot = [{"lr": 3e-5, "val_at_chosen": 0.4}, {"lr": 1e-4, "val_at_chosen": 0.6}, {"lr": 3e-4, "val_at_chosen": 0.6}]
+    assert sweep.choose_lr(pilot) == 1e-4
+
+
+def test_the_pretrained_grid_is_powered_and_names_its_five_objectives() -> None:
+    regime = sweep.REGIMES["smollm2-135m-cpu"]
+    assert regime.n_test >= 500 and len(regime.seeds) >= 3 and regime.epochs == 6
+    methods = {sweep.CELLS[name].method for name in regime.cells}
+    assert methods == {"sft", "masked_thought", "no_divergence", "remask"}
+    paper = sweep.CELLS["mt-paper-p0.4"]
+    assert paper.masked_only and paper.mask_strategy == "random" and paper.weight == 0
+    assert "algorithms.remask.masked_only=true" in paper.switches()
+
+
+def test_test_split_is_scored_on_the_validation_chosen_and_the_last_weights(tiny_tokenizer, tmp_path: Path) -> None:
+    """``test_at="val_best_and_last"`` inside composer.Trainer: validation every epoch, the test rows
+    on exactly two sets of weights, and the model left with its last weights."""
+    from composer import Callback, Trainer
+    from torch.utils.data import DataLoader
+
+    from bench.quality_task.epoch_eval import EpochEval
+    from tests.helpers.synthetic import CoTDataset, collate
+    from tests.helpers.training import build_model
+
+    write_splits(tmp_path / "synth", 4, 6, seed=0, n_val=5)
+    snapshots = {}
+
+    class Snapshot(Callback):
+        def epoch_end(self, state, logger) -> None:
+            snapshots[int(state.timestamp.epoch)] = {k: v.detach().clone() for k, v in state.model.model.state_dict().items()}
+
+    evaluator = EpochEval({"val": str(tmp_path / "synth" / "val.jsonl"), "test": str(tmp_path / "synth" / "test.jsonl")},
+                          str(tmp_path / "epochs.jsonl"), max_new_tokens=6, batch_size=4, test_at="val_best_and_last")
+    model = build_model(tiny_tokenizer)
+    Trainer(model=model, train_dataloader=DataLoader(CoTDataset(tiny_tokenizer, 8), batch_size=4, collate_fn=collate),
+            max_duration="3ep", callbacks=[Snapshot(), evaluator], device="cpu", progress_bar=False,
+            optimizers=torch.optim.SGD(model.parameters(), lr=0.5)).fit()
+    lines = [json.loads(line) for line in (tmp_path / "epochs.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines if "val" in line] == [0, 1, 2, 3]
+    merged = sweep.read_epochs(tmp_path / "epochs.jsonl")
+    chosen = sweep.val_chosen(merged)
+    tested = sorted(line["epoch"] for line in lines if "test" in line)
+    assert tested == sorted({chosen["epoch"], 3})
+    assert all("test" not in line for line in lines if "val" in line)
+    rows = [json.loads(line) for line in (tmp_path / "synth" / "test.jsonl").read_text().splitlines()]
+    for epoch in tested:
+        probe = build_model(tiny_tokenizer).model
+        probe.load_state_dict(snapshots[epoch])
+        expected = evaluate_rows(probe, tiny_tokenizer, rows, max_new_tokens=6, batch_size=4)
+        got = next(line["test"] for line in lines if line["epoch"] == epoch and "test" in line)
+        assert got["correct"] == expected["correct"] and got["examples"] == expected["examples"]
+        assert got["step_acc_teacher_forced"] == expected["step_acc_teacher_forced"]
+    first, last = (next(line["test"] for line in lines if line["epoch"] == e and "test" in line) for e in tested)
+    assert len(tested) == 2 and first["examples"] != last["examples"]  # else the check above could not tell them apart
+    final = model.model.state_dict()
+    assert all(torch.equal(final[k], snapshots[3][k]) for k in final)
