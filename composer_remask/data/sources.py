@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,6 +62,11 @@ BAD_TURN_ORDER = "bad_turn_order"
 LAST_TURN_NOT_ASSISTANT = "last_turn_not_assistant"
 UNKNOWN_SHAPE = "unknown_shape"
 TOO_DEEP = "too_deep"
+TOO_LONG = "too_long"
+
+# A JSON line longer than this is a row error, found without holding the line in memory (parsing
+# and tokenizing one line costs about a hundred times its size); a real row is far shorter.
+MAX_ROW_BYTES = 16 << 20
 
 # Rows nested deeper than this are refused before the JSON parser recurses into them: the same
 # verdict in every process (the main one or a worker), far below Python's recursion limit.
@@ -133,6 +139,13 @@ class RawRecord:
     payload: Any
 
 
+@dataclass(frozen=True)
+class RowTooLong:
+    """The payload of a line over ``MAX_ROW_BYTES``: only its size was read."""
+
+    size: int
+
+
 class RecordReader:
     """Iterates the raw rows of one input; ``unit`` says how rows are numbered ("line" or "row")."""
 
@@ -164,7 +177,15 @@ class JsonLinesReader(RecordReader):
 
     def __iter__(self) -> Iterator[RawRecord]:
         with open(self.path, "rb") as f:
-            for number, line in enumerate(f, start=1):
+            number = 0
+            while line := f.readline(MAX_ROW_BYTES + 1):
+                number += 1
+                if len(line) > MAX_ROW_BYTES and not line.endswith(b"\n"):
+                    size = len(line)
+                    while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                        size += len(rest)
+                    yield RawRecord(number, RowTooLong(size + len(rest)))
+                    continue
                 if number == 1 and line.startswith(b"\xef\xbb\xbf"):
                     line = line[3:]
                 if line.strip():
@@ -250,6 +271,9 @@ def open_records(path: str) -> RecordReader:
         return HubReader(path)
     if os.path.isdir(path):
         raise IsADirectoryError(f"expected a .jsonl, .json or .parquet file, got a folder: {path}")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{path}: not a regular file (a named pipe, device or socket); a source is read twice "
+                         "(its rows counted, then read), so write it to a file first")
     if lowered.endswith(".parquet"):
         return ParquetReader(path)
     if lowered.endswith(".jsonl"):
@@ -432,6 +456,9 @@ def parse_record(kind: str, record: RawRecord, *, path: str, unit: str) -> tuple
     ``origin`` is the row's own sub-source where the kind has one (TinyCoT's ``source``).
     """
     row = record.payload
+    if isinstance(row, RowTooLong):
+        raise DataError(TOO_LONG, f"the line is {row.size} bytes, over the {MAX_ROW_BYTES} a row may have "
+                        "(it was not read into memory)", path=path, unit=unit, number=record.number)
     if isinstance(row, (bytes, bytearray)):
         # Undecodable bytes become lone surrogates, reported later by the field that holds them.
         text = bytes(row).decode("utf-8", "surrogateescape")

@@ -268,6 +268,7 @@ def _check_arguments(sources: Sequence[SourceSpec], limits: dict, mix: dict, on_
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"duplicate source names: {duplicates}")
+    _refuse_repeated_files(sources)
     for option, values in (("--limit", limits), ("--mix", mix)):
         unknown = sorted(set(values) - set(names))
         if unknown:
@@ -286,6 +287,20 @@ def _check_arguments(sources: Sequence[SourceSpec], limits: dict, mix: dict, on_
     if any(proportional) and not (all(proportional) and len(mix) == len(names)):
         raise ValueError("StreamingDataset mixes either by proportion for every source or by "
                          "repeat/choose: give proportion:P for all sources or for none")
+
+
+def _refuse_repeated_files(sources: Sequence[SourceSpec]) -> None:
+    """One file under two source names would write each of its rows twice."""
+    seen: dict[tuple[int, int], SourceSpec] = {}
+    for spec in sources:
+        try:
+            info = os.stat(spec.path)
+        except OSError:
+            continue  # a hub dataset name, or a missing file (reported when it is opened)
+        first = seen.setdefault((info.st_dev, info.st_ino), spec)
+        if first is not spec:
+            raise ValueError(f"--source {first.name}={first.path} and --source {spec.name}={spec.path} are the same "
+                             "file: every row would be written twice; give it once")
 
 
 def _refuse_inputs_inside_out(sources: Sequence[SourceSpec], tokenizer_name_or_dir: str,
@@ -307,6 +322,10 @@ def _refuse_non_empty(target: OutputTarget, overwrite: bool) -> None:
         local = Path(target.local)
         if local.exists() and not local.is_dir():
             raise FileExistsError(f"--out {local} exists and is not a folder")
+        if local.is_dir() and os.path.ismount(local):
+            raise ValueError(f"--out {local} is a mount point: the build writes beside --out and renames the result "
+                             f"into place, which a mount point cannot take; use a folder inside it, e.g. "
+                             f"{local / 'corpus'}")
         if local.is_dir() and any(local.iterdir()) and not overwrite:
             raise FileExistsError(f"--out {local} is not empty; pass --overwrite to replace it")
     if target.remote is not None and not overwrite and _remote_has_files(target.remote):

@@ -366,3 +366,63 @@ def test_cancelling_a_writer_with_pending_jobs_prints_no_traceback(tmp_path, cap
     running.result()
     assert all(future.cancelled() for future in pending)
     assert not [r for r in caplog.records if r.name == "concurrent.futures"]  # what reached stderr before
+
+
+# --------------------------------------------------------------------- special files and sizes
+
+
+def test_a_named_pipe_source_is_refused_before_anything_reads_it(tmp_path):
+    """A FIFO was drained by the row count and then blocked the reader forever."""
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    done = subprocess.run([sys.executable, "-m", "composer_remask.data.cli", "build", "--source", f"t=tinycot:{fifo}",
+                           "--tokenizer", str(TINY_TOKENIZER), "--out", str(tmp_path / "out"), "--no-progress"],
+                          capture_output=True, text=True, timeout=PATIENCE_S, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2, done.stderr
+    assert f"remask-data: error: {fifo}: not a regular file" in done.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_line_over_the_size_bound_is_a_row_error(on_error, asset_tokenizer, tmp_path, monkeypatch):
+    from composer_remask.data import sources
+
+    monkeypatch.setattr(sources, "MAX_ROW_BYTES", 4096)
+    rows = tinycot_rows(3)
+    rows[1] = dict(rows[1], rationale="x " * 10_000)   # ~20 kB: over the bound
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    spec = [SourceSpec("t", "tinycot", str(path))]
+    if on_error == "raise":
+        with pytest.raises(DataError, match=r"rows\.jsonl, line 2: the line is \d+ bytes, over the 4096") as error:
+            build_corpus(spec, asset_tokenizer, str(tmp_path / "out"), max_seq_len=64, progress=False)
+        assert error.value.reason == "too_long"
+        assert not (tmp_path / "out").exists()
+    else:
+        manifest = build_corpus(spec, asset_tokenizer, str(tmp_path / "out"), max_seq_len=64, progress=False,
+                                on_error="skip")
+        stats = manifest["sources"]["t"]
+        assert (stats["rows_written"], stats["rows_skipped"]) == (2, {"too_long": 1})
+
+
+def test_the_same_file_under_two_source_names_is_refused(fixture_files, tmp_path, capsys):
+    path = fixture_files["tinycot"]
+    link = tmp_path / "again.jsonl"
+    link.symlink_to(path)
+    status = main(["build", "--source", f"a=tinycot:{path}", "--source", f"b=tinycot:{link}", "--tokenizer",
+                   str(TINY_TOKENIZER), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "are the same file: every row would be written twice" in err
+    assert f"--source a={path} and --source b={link}" in err and not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_a_mount_point_is_refused_before_the_build(fixture_files, capsys):
+    mount = next((m for m in ("/dev/shm", "/proc", "/sys") if os.path.isdir(m) and os.path.ismount(m)), None)
+    if mount is None:
+        pytest.skip("no mount point to point --out at")
+    before = sorted(os.listdir(mount))
+    status = main(["build", "--source", f"t=tinycot:{fixture_files['tinycot']}", "--tokenizer", str(TINY_TOKENIZER),
+                   "--out", mount, "--no-progress"])
+    assert status == 2
+    assert f"--out {mount} is a mount point" in capsys.readouterr().err
+    assert not [name for name in os.listdir(mount) if name not in before and name.startswith(".")]
