@@ -28,6 +28,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from composer_remask.arguments import check_arguments
 from composer_remask.batch import (
     DIVERGENCE_MASK_KEY,
     LAYOUT_FULL,
@@ -54,7 +55,7 @@ from composer_remask.normalization import (
     microbatch_scales,
 )
 from composer_remask.numbers import finite_number
-from composer_remask.prepared_batch import check_batch, forward_batch, microbatch_problem, prepare_batch
+from composer_remask.prepared_batch import forward_batch, microbatch_problem, prepare_batch
 from composer_remask.runtime import PassCountingFlops, run_length_in_batches, unwrap_ddp
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,8 @@ class ReMask(Algorithm):
         loss_impl: str = "auto",
         chunk_rows: int | None = None,
     ) -> None:
+        # Types as the signature says (the recipes check the same hints): nothing is reinterpreted.
+        check_arguments(ReMask.__init__, locals(), "ReMask")
         self.mask_prob = finite_number(mask_prob, "ReMask: mask_prob", low=0.0, high=1.0)
         self.weight = finite_number(weight, "ReMask: weight", low=0.0)
         self.rationale_label_drop_prob = finite_number(rationale_label_drop_prob, "ReMask: rationale_label_drop_prob",
@@ -129,22 +132,21 @@ class ReMask(Algorithm):
                                      ("loss_impl", loss_impl, LOSS_IMPLS)):
             if value not in allowed:
                 raise ValueError(f"ReMask: unknown {name} {value!r}; choose one of {tuple(allowed)}")
-        if not isinstance(masked_only, bool):
-            raise TypeError(f"ReMask: masked_only must be True or False, got {masked_only!r}")
         if masked_only and self.weight > 0:
             raise ValueError(f"ReMask: masked_only=True trains one pass on the masked input, so there is no full pass "
                              f"for the divergence; set weight=0 (got weight={self.weight}).")
-        if chunk_rows is not None and int(chunk_rows) < 1:
-            raise ValueError(f"ReMask: chunk_rows must be a positive integer, got {chunk_rows!r}")
+        for name, value, low in (("chunk_rows", chunk_rows, 1), ("seed", seed, 0), ("mask_token_id", mask_token_id, 0)):
+            if value is not None and value < low:
+                raise ValueError(f"ReMask: {name} must be >= {low} (or None), got {value!r}")
         self.divergence = divergence
         self.mask_strategy = mask_strategy
-        self.mask_token_id = mask_token_id
-        self.detach_full = bool(detach_full)
+        self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
+        self.detach_full = detach_full
         self.masked_only = masked_only
-        self.seed = seed
+        self.seed = None if seed is None else int(seed)
         self.loss_weighting = loss_weighting
         self.loss_impl = loss_impl
-        self.chunk_rows = chunk_rows
+        self.chunk_rows = None if chunk_rows is None else int(chunk_rows)
         self._reset()
 
     def _reset(self) -> None:
@@ -159,6 +161,7 @@ class ReMask(Algorithm):
         self._probe = WeightingProbe()
         self._flops = PassCountingFlops()
         self._warned_no_roles = self._warned_fallback = False
+        self._batches_without_labels = 0
         self._inputs: tuple[dict[str, Any], dict[str, tuple[torch.Tensor, int]]] | None = None
         self._counts = GlobalCounts(0.0, 0.0, 0.0, 0.0, 0.0)  # per batch
         self._prepared_rows = self._trained_rows = 0
@@ -265,15 +268,22 @@ class ReMask(Algorithm):
         return self.mask_prob * min(1.0, elapsed / self.mask_prob_warmup)
 
     def _prepare_batch(self, state: State, logger: Logger) -> None:
-        check_batch(state.batch)
-        self._warn_if_label_rules_do_nothing(state.batch)
         mask_prob = self.current_mask_prob(state) if self.draws_masks else 0.0
-        state.batch, local = prepare_batch(
+        state.batch, local = prepare_batch(  # checks the batch contract first (labels and their values)
             state.batch, self._vocabulary, mask_prob=mask_prob, layout=self.layout, seed=int(self._seed or 0),
             batch_index=int(state.timestamp.batch), rationale_label_drop_prob=self.rationale_label_drop_prob,
             answer_only_prob=self.answer_only_prob)
+        self._warn_if_label_rules_do_nothing(state.batch)
         self._counts = GlobalCounts.gather(local, state.device)
         self._prepared_rows = int(local[0])
+        if self._counts.divergence_tokens == 0:
+            self._batches_without_labels += 1
+            logger.log_metrics({"remask/batches_without_labels": self._batches_without_labels})
+            warnings.warn(
+                "ReMask: a batch has no label to train on (every label is -100 on every rank), so its loss is 0 and "
+                "it trains nothing. A few such batches happen with very short responses; if every batch does, the "
+                "collator marks the responses as ignored too (remask/batches_without_labels counts them).",
+                RuntimeWarning, stacklevel=2)
         if self.draws_masks:
             maskable = self._counts.maskable
             logger.log_metrics({"remask/mask_prob": mask_prob,

@@ -166,6 +166,7 @@ class MaskVocabulary:
     pad_token_id: int | None = None
     protected_ids: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     random_candidates: torch.Tensor | None = None
+    vocab_size: int | None = None  # rows of the model's embeddings: every label must be below it
 
     def __post_init__(self) -> None:
         if self.strategy not in MASK_STRATEGIES:
@@ -203,7 +204,8 @@ class MaskVocabulary:
                 size = min(size, rows)
             everything = torch.arange(size)
             candidates = everything[~torch.isin(everything, protected)]
-        return cls(strategy, None if mask_token_id is None else int(mask_token_id), pad_id, protected, candidates)
+        return cls(strategy, None if mask_token_id is None else int(mask_token_id), pad_id, protected, candidates,
+                   rows)
 
 
 def embedding_rows(hf_model: Any) -> int | None:
@@ -217,8 +219,10 @@ def embedding_rows(hf_model: Any) -> int | None:
 
 
 def _resolve_mask_token(tokenizer: Any, mask_id: int | None, vocab_rows: int | None) -> int:
-    how = ("add it with composer_remask.data.tokenizer.add_remask_tokens(tokenizer) and "
-           "model.resize_token_embeddings(len(tokenizer)), pass ReMask(mask_token_id=...), or choose "
+    how = ("in Python add it with composer_remask.data.tokenizer.add_remask_tokens(tokenizer) and "
+           "model.resize_token_embeddings(len(tokenizer)); in this project's recipes keep "
+           "tokenizer: {add_remask_tokens: true}; in llm-foundry use tokenizer: {name: remask_tokenizer} with "
+           "model: {allow_embedding_resizing: true}; or pass ReMask(mask_token_id=...), or choose "
            "mask_strategy='random' or 'pad'")
     if mask_id is None:
         if tokenizer is None:

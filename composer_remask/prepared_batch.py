@@ -15,6 +15,7 @@ import torch
 
 from composer_remask.batch import (
     DIVERGENCE_MASK_KEY,
+    IGNORE_INDEX,
     LAYOUT_FULL,
     LAYOUT_FULL_AND_MASKED,
     LAYOUT_MASKED_ONLY,
@@ -45,11 +46,32 @@ def _masked_key(layout: str) -> str | None:
             LAYOUT_MASKED_ONLY: MASKED_ONLY_INPUT_IDS_KEY}[layout]
 
 
-def check_batch(batch: Any) -> None:
+def check_batch(batch: Any, vocab_size: int | None = None) -> None:
+    """The batch contract ReMask trains on, checked once per batch (the lean and the logits path
+    alike): dict batches with ``input_ids`` and integer ``labels`` of the same shape, each label
+    -100 or a token id below ``vocab_size``. Anything else would be trained as something it is not
+    (cross-entropy reads -1 as a token id) or fail deep in the loss."""
     if not isinstance(batch, Mapping) or "input_ids" not in batch or "labels" not in batch:
         keys = list(batch.keys()) if isinstance(batch, Mapping) else type(batch).__name__
         raise ValueError(f"ReMask needs dict batches with 'input_ids' and 'labels' (unshifted, -100 where "
                          f"nothing is predicted); got {keys}.")
+    labels, ids = batch["labels"], batch["input_ids"]
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
+            or labels.dtype == torch.bool:
+        what = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"ReMask: batch['labels'] must be an integer tensor of token ids (torch.long), got {what}.")
+    if not isinstance(ids, torch.Tensor) or ids.shape != labels.shape:
+        shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"ReMask: batch['labels'] {tuple(labels.shape)} must have the shape of batch['input_ids'] "
+                         f"{shape} (unshifted labels, aligned with the inputs).")
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab_size if vocab_size is not None else False))
+    if bool(bad.any()):
+        row, position = (int(i) for i in bad.nonzero()[0])
+        value = int(labels[row, position])
+        why = (f"use {IGNORE_INDEX} where nothing is predicted (a label of {value} would be trained as a token)"
+               if value < 0 else f"the model's vocabulary has {vocab_size} tokens")
+        raise ValueError(f"ReMask: batch['labels'] holds {value} at row {row}, position {position} "
+                         f"({int(bad.sum())} such labels in the batch): {why}. Fix the collator.")
 
 
 def prepare_batch(
@@ -61,7 +83,7 @@ def prepare_batch(
     ``layout`` (``composer_remask.batch.LAYOUTS``) says which passes will run; masks are drawn only
     for a layout with a masked pass.
     """
-    check_batch(batch)
+    check_batch(batch, vocabulary.vocab_size)
     masked_key = _masked_key(layout)
     keys = content_sample_keys(batch["input_ids"], batch.get("attention_mask"), vocabulary.pad_token_id)
     masked = remask_batch(

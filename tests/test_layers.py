@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "composer_remask"
 
 # Unit -> module prefixes (relative to composer_remask); the longest matching prefix wins.
 UNITS = {
-    "contract": ("batch", "runtime", "numbers"),
+    "contract": ("arguments", "batch", "runtime", "numbers"),
     "method": ("masking", "loss", "divergence", "lean_path", "normalization", "prepared_batch", "algorithm"),
     "optim": ("optim",),
     "data_build": ("data", "data.formats", "data.sources", "data.pipeline", "data.tokenizer", "data.shards",

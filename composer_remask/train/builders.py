@@ -20,9 +20,10 @@ from composer.utils import dist
 from composer.utils.parallelism import FSDPConfig
 from transformers import PreTrainedTokenizerBase
 
+from composer_remask.arguments import check_type
 from composer_remask.data.tokenizer import load_tokenizer
 from composer_remask.train import registry
-from composer_remask.train.config import ConfigError, TrainConfig, check_kwargs, check_type
+from composer_remask.train.config import ConfigError, TrainConfig, check_kwargs
 from composer_remask.train.model import INIT_DEVICES, ComposerCausalLM
 from composer_remask.train.transforms import HYBRID_STRATEGIES, check_hybrid_degrees, fsdp_runs
 

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from composer_remask.arguments import check_type
 from composer_remask.numbers import non_finite_numbers
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "check_kwargs", "check_type"]
+__all__ = ["ConfigError", "TrainConfig", "load_config", "check_kwargs"]
 
 REQUIRED: Any = dataclasses.MISSING
 
@@ -221,57 +221,6 @@ def _dotted_keys(cfg: Any, prefix: str = "") -> set[str]:
 
 
 # --------------------------------------------------------------------------------- type checking
-
-def _describe(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(annotation))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return "null"
-    if origin is not None:
-        return getattr(origin, "__name__", str(origin))
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _matches(value: Any, annotation: Any) -> bool:
-    if annotation is Any or annotation is inspect.Parameter.empty:
-        return True
-    if annotation is None or annotation is type(None):
-        return value is None
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(annotation))
-    if origin is Literal:
-        return value in typing.get_args(annotation)
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is str:
-        return isinstance(value, str)
-    container = origin or annotation
-    if container in (list, tuple, Sequence, typing.Sequence, set):
-        if not isinstance(value, (list, tuple)):
-            return False
-        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
-        return not args or all(_matches(item, args[0]) for item in value)
-    if container in (dict, Mapping, typing.Mapping):
-        return isinstance(value, dict)
-    # Classes a YAML value cannot be (devices, object stores, Time, ...): the callee converts or
-    # rejects them itself, so do not second-guess it here.
-    return True
-
-
-def check_type(value: Any, annotation: Any) -> str | None:
-    """``None`` if ``value`` fits ``annotation``, else a message like ``expected int, got 'x' (str)``."""
-    if _matches(value, annotation):
-        return None
-    return f"expected {_describe(annotation)}, got {value!r} ({type(value).__name__})"
-
 
 def check_kwargs(target: Callable[..., Any], kwargs: Mapping[str, Any], where: str,
                  skip: Sequence[str] = ()) -> None:

@@ -105,14 +105,27 @@ def foundry_runs(foundry_python, foundry_assets, tmp_path_factory):
     cache: dict[tuple[Any, ...], FoundryRun] = {}
     root = tmp_path_factory.mktemp("foundry-runs")
 
-    def get(recipe: str, nproc: int, microbatch: int, **extra: Any) -> FoundryRun:
-        key = (recipe, nproc, microbatch, *sorted(extra.items()))
+    def get(recipe: str, nproc: int, microbatch: int, *, remask: bool = True, **extra: Any) -> FoundryRun:
+        """``remask=False``: the same run with ``algorithms: {}`` (the noise floor of a comparison)."""
+        key = (recipe, nproc, microbatch, remask, *sorted(extra.items()))
         if key not in cache:
-            name = f"{recipe}-n{nproc}-mb{microbatch}" + "".join(f"-{k}={v}" for k, v in sorted(extra.items()))
-            cache[key] = _run(recipe, root / name, foundry_assets, nproc, microbatch, extra)
+            name = f"{recipe}-n{nproc}-mb{microbatch}" + ("" if remask else "-noremask") + \
+                "".join(f"-{k}={v}" for k, v in sorted(extra.items()))
+            overrides = extra if remask else {**extra, "algorithms": {}}
+            cache[key] = _run(recipe, root / name, foundry_assets, nproc, microbatch, overrides)
         return cache[key]
 
     return get
+
+
+# The logged terms are float32 sums over at most GLOBAL_BATCH microbatch contributions each: their
+# rounding is a few float32 ulps per contribution, so 4 ulps per contribution of the largest term bounds
+# the identity's error (a wrong weighting is off by a whole term).
+IDENTITY_ULPS = 4 * GLOBAL_BATCH
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+# ReMask's step is the same float32 computation as llm-foundry's own plus a masked pass and the
+# divergence: it may round up to this many times more than the same comparison without ReMask.
+ROUNDING_GROWTH = 10
 
 
 def _assert_losses_logged_and_consistent(run: FoundryRun) -> float:
@@ -125,14 +138,25 @@ def _assert_losses_logged_and_consistent(run: FoundryRun) -> float:
         assert metrics["loss/train/divergence"] > 0 and metrics["loss/train/ce_masked"] > 0
         expected = 0.5 * (metrics["loss/train/ce_full"] + metrics["loss/train/ce_masked"]) \
             + DEFAULT_WEIGHT * metrics["loss/train/divergence"]
-        worst = max(worst, abs(metrics["loss/train/total"] - expected))
-    print(f"{run.out.name}: total vs 0.5*(ce_full+ce_masked) + {DEFAULT_WEIGHT}*divergence, max error {worst:.2g}")
-    assert worst < 1e-5, f"identity off by {worst}"
+        bound = IDENTITY_ULPS * FLOAT32_EPS * max(abs(metrics[key]) for key in LOSS_KEYS)
+        worst = max(worst, abs(metrics["loss/train/total"] - expected) / bound)
+    print(f"{run.out.name}: total vs 0.5*(ce_full+ce_masked) + {DEFAULT_WEIGHT}*divergence, worst error "
+          f"{worst:.2g} of its float32 rounding bound")
+    assert worst <= 1.0, f"identity off by {worst:.3g} times its rounding bound"
     return worst
 
 
-def _assert_same_training(reference: FoundryRun, other: FoundryRun) -> None:
-    """Same masks for the same samples at the same step, and the same final weights."""
+def _noise_floor(first: FoundryRun, second: FoundryRun) -> float:
+    """How far the final weights of the same two settings end apart without ReMask (at least one
+    float32 ulp of the largest weight): the rounding of the comparison itself."""
+    diff = max(float((first.weights[name] - second.weights[name]).abs().max()) for name in first.weights)
+    largest = max(float(w.abs().max()) for w in first.weights.values())
+    return max(diff, FLOAT32_EPS * largest)
+
+
+def _assert_same_training(reference: FoundryRun, other: FoundryRun, floor: float) -> None:
+    """Same masks for the same samples at the same step, and the same final weights up to
+    ``ROUNDING_GROWTH`` times ``floor``, the same comparison's difference without ReMask."""
     assert set(other.masks) == set(reference.masks)
     assert len(reference.masks) == GLOBAL_BATCH * STEPS
     assert all(other.masks[key] == reference.masks[key] for key in reference.masks)
@@ -140,8 +164,8 @@ def _assert_same_training(reference: FoundryRun, other: FoundryRun) -> None:
     assert set(other.weights) == set(reference.weights)
     worst = max(float((other.weights[name] - reference.weights[name]).abs().max()) for name in reference.weights)
     print(f"{other.out.name} vs {reference.out.name}: {len(reference.masks)} of {len(reference.masks)} samples "
-          f"masked alike, final weights differ by {worst:.2g}")
-    assert worst < 1e-6, f"final weights differ by {worst}"
+          f"masked alike, final weights differ by {worst:.2g} (without ReMask: {floor:.2g})")
+    assert worst <= ROUNDING_GROWTH * floor, f"final weights differ by {worst:.3g}; without ReMask {floor:.3g}"
 
 
 def test_finetuning_loader_one_process(foundry_runs, foundry_assets):
@@ -162,14 +186,19 @@ def test_finetuning_loader_two_processes_with_microbatches_match_one(foundry_run
     reference = foundry_runs("finetuning", 1, GLOBAL_BATCH)
     run = foundry_runs("finetuning", 2, 2)  # interleaved sampler, 2 microbatches per rank
     _assert_losses_logged_and_consistent(run)
-    _assert_same_training(reference, run)
+    floor = _noise_floor(foundry_runs("finetuning", 1, GLOBAL_BATCH, remask=False),
+                         foundry_runs("finetuning", 2, 2, remask=False))
+    _assert_same_training(reference, run, floor)
 
 
 def test_finetuning_loader_with_llm_foundry_token_weighting_matches_one_microbatch(foundry_runs):
     reference = foundry_runs("finetuning", 1, GLOBAL_BATCH)  # one microbatch: any weighting gives 1
     run = foundry_runs("finetuning", 1, 2, accumulate_train_batch_on_tokens=True)  # llm-foundry's default
     _assert_losses_logged_and_consistent(run)
-    _assert_same_training(reference, run)
+    # Seen on another machine: 2.2e-6 with ReMask, 5.3e-6 for the same two settings without it.
+    floor = _noise_floor(foundry_runs("finetuning", 1, GLOBAL_BATCH, remask=False),
+                         foundry_runs("finetuning", 1, 2, remask=False, accumulate_train_batch_on_tokens=True))
+    _assert_same_training(reference, run, floor)
 
 
 def test_mds_loader_one_process(foundry_runs):
@@ -183,4 +212,5 @@ def test_mds_loader_two_processes_with_microbatches_match_one(foundry_runs):
     reference = foundry_runs("mds", 1, GLOBAL_BATCH)
     run = foundry_runs("mds", 2, 2)
     _assert_losses_logged_and_consistent(run)
-    _assert_same_training(reference, run)
+    floor = _noise_floor(foundry_runs("mds", 1, GLOBAL_BATCH, remask=False), foundry_runs("mds", 2, 2, remask=False))
+    _assert_same_training(reference, run, floor)

@@ -439,6 +439,74 @@ def test_masked_only_is_one_pass_on_the_masked_half_of_the_two_pass_run(tiny_tok
 def test_masked_only_refuses_a_divergence_weight_and_non_bools():
     with pytest.raises(ValueError, match="masked_only=True.*weight=0"):
         ReMask(masked_only=True, weight=0.1)
-    with pytest.raises(TypeError, match="masked_only must be True or False"):
+    with pytest.raises(TypeError, match="ReMask: masked_only expected bool, got 'False'"):
         ReMask(masked_only="False", weight=0.0)
     assert "masked_only=True" in repr(ReMask(masked_only=True, weight=0.0))
+
+
+@pytest.mark.parametrize("argument, value, message", [
+    ("detach_full", "False", "detach_full expected bool, got 'False'"),   # was truthy: trained as True
+    ("detach_full", 0, "detach_full expected bool, got 0"),
+    ("mask_prob", True, "mask_prob expected float, got True"),           # a bool is not a number
+    ("mask_prob", "0.4", "mask_prob expected float, got '0.4'"),
+    ("seed", 1.5, "seed expected int or null, got 1.5"),               # was truncated to 1
+    ("seed", True, "seed expected int or null, got True"),
+    ("chunk_rows", 2.0, "chunk_rows expected int or null, got 2.0"),
+    ("mask_token_id", "5", "mask_token_id expected int or null, got '5'"),
+    ("divergence", 3, "divergence expected str, got 3"),
+])
+def test_python_arguments_of_the_wrong_type_are_refused_not_reinterpreted(argument, value, message):
+    with pytest.raises(TypeError, match=f"^ReMask: {message}"):
+        ReMask(**{argument: value})
+
+
+@pytest.mark.parametrize("argument, value", [("seed", -1), ("chunk_rows", 0), ("mask_token_id", -3)])
+def test_python_arguments_out_of_range_are_named(argument, value):
+    with pytest.raises(ValueError, match=f"ReMask: {argument} must be >= "):
+        ReMask(**{argument: value})
+
+
+def test_numpy_numbers_are_numbers_and_stored_as_validated():
+    import numpy as np
+
+    algo = ReMask(mask_prob=np.float32(0.25), seed=np.int64(7), weight=1, chunk_rows=np.int32(3))
+    assert (algo.mask_prob, algo.weight, algo.seed, algo.chunk_rows) == (0.25, 1.0, 7, 3)
+    assert type(algo.mask_prob) is float and type(algo.seed) is int and type(algo.chunk_rows) is int
+
+
+def _labelled_batches(tokenizer, edit):
+    """Four synthetic CoT samples as one batch, with ``edit(labels)`` applied to the labels."""
+    def collate_and_edit(samples):
+        batch = collate(samples)
+        batch["labels"] = edit(batch["labels"])
+        return batch
+
+    return DataLoader(CoTDataset(tokenizer, 4), batch_size=4, collate_fn=collate_and_edit)
+
+
+@pytest.mark.parametrize("impl", ["hidden", "logits"])
+@pytest.mark.parametrize("edit, message", [
+    # A collator that marks ignored positions with -1: cross-entropy read it as token id 0 (trained
+    # EOS at every prompt position) instead of refusing it.
+    (lambda labels: torch.where(labels == -100, torch.full_like(labels, -1), labels),
+     r"holds -1 at row 0, position 0 \(\d+ such labels in the batch\): use -100 where nothing is predicted"),
+    (lambda labels: torch.where(labels == -100, labels, labels + 10_000), r"holds \d+ at row 0, .*vocabulary has \d+"),
+    (lambda labels: labels.float(), r"must be an integer tensor of token ids \(torch.long\), got torch.float32"),
+    (lambda labels: labels[:, 1:], r"\(\d+, \d+\) must have the shape of batch\['input_ids'\]"),
+])
+def test_labels_outside_the_contract_are_named_errors(tiny_tokenizer, impl, edit, message):
+    model = build_model(tiny_tokenizer)
+    trainer = Trainer(model=model, train_dataloader=_labelled_batches(tiny_tokenizer, edit), max_duration="1ba",
+                      algorithms=[ReMask(loss_impl=impl)], device="cpu", progress_bar=False)
+    with pytest.raises(ValueError, match=f"ReMask: batch\\['labels'\\] {message}"):
+        trainer.fit()
+
+
+def test_a_batch_without_labels_warns_and_is_counted(tiny_tokenizer):
+    """A collator that ignores every label used to give loss 0.0 on every batch without a word."""
+    loader = _labelled_batches(tiny_tokenizer, lambda labels: torch.full_like(labels, -100))
+    logger = InMemoryLogger()
+    with pytest.warns(RuntimeWarning, match="a batch has no label to train on"):
+        Trainer(model=build_model(tiny_tokenizer), train_dataloader=loader, max_duration="2ba",
+                algorithms=[ReMask()], device="cpu", progress_bar=False, loggers=[logger]).fit()
+    assert logged(logger, "remask/batches_without_labels") == [1.0, 2.0]
