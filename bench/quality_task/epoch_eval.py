@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import StoppingCriteriaList
 
 from composer_remask.data.formats import format_cot_prompt
 from composer_remask.evaluate import COT_STRICT_ANSWER
@@ -42,6 +43,7 @@ ANSWER = "\n<|answer|>\n"
 STRICT = re.compile(COT_STRICT_ANSWER)
 NUMBER = re.compile(r"-?[0-9]+")
 RESULT = re.compile(r"= (-?[0-9]+)\.")
+ANSWER_WRITTEN = re.compile(r"\n-?[0-9]+[^0-9]")  # after the tag: a whole number, then anything else
 
 __all__ = ["EpochEval", "evaluate_rows", "load_rows"]
 
@@ -49,6 +51,29 @@ __all__ = ["EpochEval", "evaluate_rows", "load_rows"]
 def load_rows(path: str | Path, limit: int | None = None) -> list[dict[str, str]]:
     rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     return rows[:limit] if limit else rows
+
+
+class StopAfterAnswer:
+    """Ends a row's generation once it has written ``<|answer|>`` and a whole number after it.
+
+    Greedy generation of a batch runs until every row is done, and a model early in fine-tuning
+    rarely writes EOS: without this every batch ran to ``max_new_tokens``. What is cut off comes
+    after the strict answer, so strict accuracy is unchanged; the flexible score (the last number
+    written) then reads the answer too.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.answer_id = tokenizer.convert_tokens_to_ids(ANSWER.strip())
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        for i, row in enumerate(input_ids[:, self.prompt_length:].tolist()):
+            if self.answer_id in row:
+                tail = self.tokenizer.decode(row[row.index(self.answer_id) + 1:], skip_special_tokens=False)
+                done[i] = ANSWER_WRITTEN.match(tail) is not None
+        return done.to(input_ids.device)
 
 
 def _generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
@@ -61,9 +86,11 @@ def _generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens
         for start in range(0, len(prompts), batch_size):
             batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True,
                               add_special_tokens=False).to(device)
+            stop = StoppingCriteriaList([StopAfterAnswer(tokenizer, batch["input_ids"].shape[1])])
             output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                     max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                    pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+                                    pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+                                    stopping_criteria=stop)
             for row in output[:, batch["input_ids"].shape[1]:]:
                 ids = [int(i) for i in row if int(i) != pad_id and int(i) != tokenizer.eos_token_id]
                 texts.append(tokenizer.decode(ids, skip_special_tokens=False))

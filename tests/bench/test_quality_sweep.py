@@ -283,3 +283,20 @@ def test_test_split_is_scored_on_the_validation_chosen_and_the_last_weights(tiny
     assert len(tested) == 2 and first["examples"] != last["examples"]  # else the check above could not tell them apart
     final = model.model.state_dict()
     assert all(torch.equal(final[k], snapshots[3][k]) for k in final)
+
+
+def test_generation_stops_once_the_answer_number_is_written(tiny_tokenizer) -> None:
+    from bench.quality_task.epoch_eval import StopAfterAnswer
+
+    prompt = tiny_tokenizer("Start with 2. Add 3.", add_special_tokens=False)["input_ids"]
+    texts = ["2 + 3 = 5.\n<|answer|>\n5\n", "2 + 3 = 5.\n<|answer|>\n5", "2 + 3 = 5. 5 + 1 = 6.",
+             "<|answer|>\n-12 and more"]
+    rows = [prompt + tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, rows))
+    pad = tiny_tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    done = StopAfterAnswer(tiny_tokenizer, len(prompt))(ids, torch.zeros(1))
+    # Row 1 is padded after "5" (finished): the pad token is not a digit, so the number is complete.
+    assert done.tolist() == [True, True, False, True]
+    unpadded = torch.tensor([rows[1]])
+    assert StopAfterAnswer(tiny_tokenizer, len(prompt))(unpadded, torch.zeros(1)).tolist() == [False]
