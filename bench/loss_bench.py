@@ -4,7 +4,7 @@ Methods, all on the same gathered rows (N predicted rows per pass, hidden size d
 
 - ``floor``: the three matmuls per pass any exact method needs (logits, gradient of the hidden
   rows, gradient of the output weight), into preallocated outputs, nothing else;
-- ``lean``: ``composer_remask.loss.remask_loss_from_rows`` from hidden rows and the output weight;
+- ``lean``: ``composer_remask.remask.loss.remask_loss_from_rows`` from hidden rows and the output weight;
 - ``naive``: full logits of both passes, ``log_softmax``, the textbook formulas, autograd;
 - ``naive_compile``: ``naive`` under ``torch.compile`` (compilation excluded from the times);
 - ``liger`` (CUDA, when ``liger-kernel`` is installed): Liger's fused linear CE on both passes,
@@ -47,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from composer_remask.loss import remask_loss_from_rows, token_divergence  # noqa: E402
+from composer_remask.remask.divergences import token_divergence  # noqa: E402
+from composer_remask.remask.loss import remask_loss_from_rows  # noqa: E402
 
 DIVERGENCE_WEIGHT = 0.1
 DEFAULT_SCALING = ((256, 32768), (2048, 32768), (512, 65536), (1024, 65536), (256, 131072), (256, 262144))

@@ -11,28 +11,22 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "ReMask": "composer_remask.algorithm",
-    "remask_loss": "composer_remask.loss",
-    "token_divergence": "composer_remask.loss",
-    "remask_loss_from_rows": "composer_remask.loss",
-    "LossSums": "composer_remask.loss",
-    "DIVERGENCES": "composer_remask.loss",
-    "remask_batch": "composer_remask.masking",
-}
-__all__ = ["ReMask", "remask_loss", "remask_loss_from_rows", "LossSums", "DIVERGENCES", "token_divergence",
-           "remask_batch"]
+__all__ = ["DIVERGENCES", "LossSums", "ReMask", "remask_batch", "remask_loss", "remask_loss_from_rows",
+           "remask_step_loss", "token_divergence"]
+# Every public name lives in the method's package, composer_remask.remask.
+_EXPORTS = dict.fromkeys(__all__, "composer_remask.remask")
 
 if TYPE_CHECKING:
-    from composer_remask.algorithm import ReMask
-    from composer_remask.loss import (
+    from composer_remask.remask import (
         DIVERGENCES,
         LossSums,
+        ReMask,
+        remask_batch,
         remask_loss,
         remask_loss_from_rows,
+        remask_step_loss,
         token_divergence,
     )
-    from composer_remask.masking import remask_batch
 
 
 def __getattr__(name: str) -> Any:

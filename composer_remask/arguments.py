@@ -2,7 +2,7 @@
 
 The recipes (YAML) and ``ReMask(...)`` in Python check their arguments against the same type hints
 with :func:`check_type`, so a value is never reinterpreted: ``"False"`` is not a bool, ``0.5`` is
-not an int, ``True`` is not a number. Ranges are the callee's (``numbers.finite_number`` for floats).
+not an int, ``True`` is not a number. Ranges are the callee's (``checks.finite_number`` for floats).
 """
 
 from __future__ import annotations

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from composer_remask.batch import ANSWER_TAG, USER_TAG
+from composer_remask.checks import finite_number
 from composer_remask.data.formats import format_cot_prompt
-from composer_remask.numbers import finite_number
 
 __all__ = [
     "CARD_TASKS", "COT_STRICT_ANSWER", "LOCAL_GSM8K_TASK", "TaskSetting", "cot_prompt_template", "evaluate",

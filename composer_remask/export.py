@@ -23,6 +23,7 @@ import torch
 from composer.utils import dist
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
+from composer_remask.checkpoints import load_composer_checkpoint
 from composer_remask.runtime import unwrap_ddp
 
 log = logging.getLogger(__name__)
@@ -103,46 +104,6 @@ def find_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
 
 
-def _load_composer_checkpoint(path: Path, trusted: bool = False) -> dict[str, Any]:
-    """The checkpoint's state dict, read without running code from the file unless ``trusted``.
-
-    A ``.pt`` file loads with ``weights_only=True`` (CRC-checked first, so a damaged file is an
-    error, not a silently wrong export); a sharded folder's ``.metadata`` is read by an unpickler
-    that only creates torch's checkpoint-metadata classes, and its data files load with
-    ``weights_only=True`` as well.
-    """
-    from composer_remask.train.checkpoints import (
-        SAFE_CHECKPOINT_GLOBALS,
-        CorruptCheckpointError,
-        load_checkpoint_file,
-        read_dcp_metadata,
-    )
-
-    if not path.is_dir():
-        return load_checkpoint_file(path, trusted=trusted, check_crc=True)
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    class SafeMetadataReader(FileSystemReader):
-        def read_metadata(self) -> Any:
-            if trusted:
-                return super().read_metadata()
-            return read_dcp_metadata(Path(self.path) / ".metadata")
-
-    if not trusted:
-        read_dcp_metadata(path / ".metadata")  # refused here with its own message, not wrapped by DCP
-    state: dict[str, Any] = {}
-    try:
-        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
-            _load_state_dict(state, storage_reader=SafeMetadataReader(path), planner=_EmptyStateDictLoadPlanner(),
-                             no_dist=True)
-    except CheckpointException as error:
-        raise CorruptCheckpointError(f"{path}: cannot read this sharded checkpoint: {error}") from error
-    return state
-
-
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str | None = None,
                       trust_checkpoint_pickle: bool = False) -> Path:
     """Export a Composer checkpoint of a ``HuggingFaceModel`` (config and tokenizer are stored in it).
@@ -154,7 +115,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str | 
     from composer.models.huggingface import get_hf_config_from_composer_state_dict
 
     path = find_checkpoint(checkpoint)
-    state = _load_composer_checkpoint(path, trust_checkpoint_pickle)
+    state = load_composer_checkpoint(path, trust_checkpoint_pickle)
     try:
         hf_state = state["state"]["integrations"]["huggingface"]
     except KeyError:

@@ -50,15 +50,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from composer_remask.data.manifest import EOSMismatchError, check_eos_agreement
+
 __all__ = [
     "KNOWN_GGUFS",
-    "EOSMismatchError",
     "GGUFImportError",
     "KnownGGUF",
     "TAG_PHRASES",
-    "check_eos_agreement",
-    "check_training_eos",
-    "corpus_manifests",
     "import_gguf",
     "main",
     "read_gguf_metadata",
@@ -99,10 +97,6 @@ _TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
 
 class GGUFImportError(ValueError):
     """A GGUF that cannot be turned into a Hugging Face folder (the message names the file and field)."""
-
-
-class EOSMismatchError(ValueError):
-    """The tokenizer, the model config and the corpus disagree on the end-of-sequence token."""
 
 
 # ------------------------------------------------------------------------------------- locating
@@ -400,99 +394,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-# ----------------------------------------------------------------------------------- EOS guard
-
-def _eos_ids(value: Any) -> set[int]:
-    if value is None:
-        return set()
-    if isinstance(value, (list, tuple)):
-        return {int(v) for v in value}
-    return {int(value)}
-
-
-def corpus_manifests(loader_cfg: Mapping[str, Any] | None) -> list[Path]:
-    """The ``manifest.json`` files of a loader section's local streams (``OUT/<source>`` -> ``OUT``)."""
-    if not loader_cfg:
-        return []
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(loader_cfg, DictConfig):
-            loader_cfg = OmegaConf.to_container(loader_cfg, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    config = dict(loader_cfg)
-    streams = config.get("streams")
-    locals_: list[str] = []
-    if isinstance(streams, Mapping):
-        locals_ = [dict(s or {}).get("local") for s in streams.values()]
-    elif isinstance(streams, Sequence) and not isinstance(streams, str):
-        locals_ = [dict(s or {}).get("local") for s in streams]
-    else:
-        locals_ = [config.get("local")]
-    found: list[Path] = []
-    for local in locals_:
-        if not local:
-            continue
-        for folder in (Path(str(local)), Path(str(local)).parent):
-            manifest = folder / "manifest.json"
-            if manifest.is_file():
-                if manifest not in found:
-                    found.append(manifest)
-                break
-    return found
-
-
-def check_eos_agreement(tokenizer: Any, model_config: Any, manifests: Iterable[Path] = (), where: str = "") -> None:
-    """Refuse to train when the tokenizer's EOS is not the model's nor the corpus's.
-
-    - model: ``config.eos_token_id`` (an id or a list of ids; ``None`` is not checked) must contain
-      the tokenizer's EOS id: generation stops on the config's EOS, and a pretrained model has only
-      learned to produce its own;
-    - corpus: ``manifest.json`` records the EOS id every row ends with (``remask-data build``); a
-      corpus built with another tokenizer ends its rows in a token the model never stops on.
-
-    Raises :class:`EOSMismatchError` naming both values and the files.
-    """
-    prefix = f"{where}: " if where else ""
-    eos_id = tokenizer.eos_token_id
-    if eos_id is None:
-        raise EOSMismatchError(f"{prefix}the tokenizer has no EOS token")
-    described = f"{tokenizer.eos_token!r} (id {eos_id})"
-    config_ids = _eos_ids(getattr(model_config, "eos_token_id", None))
-    if config_ids and int(eos_id) not in config_ids:
-        names = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)!r} (id {i})" if i < len(tokenizer) else f"id {i}"
-                          for i in sorted(config_ids))
-        raise EOSMismatchError(
-            f"{prefix}the tokenizer's EOS is {described} but the model config's eos_token_id is {names}; "
-            "use the tokenizer saved with the model (for a GGUF base: remask-import-gguf), or set "
-            "model.config_overrides.eos_token_id if the config is the one that is wrong")
-    for manifest in manifests:
-        try:
-            recorded = json.loads(Path(manifest).read_text(encoding="utf-8")).get("tokenizer", {})
-        except (OSError, json.JSONDecodeError) as error:
-            raise EOSMismatchError(f"{manifest}: cannot read the corpus manifest ({error})") from error
-        corpus_id = recorded.get("eos_token_id")
-        if corpus_id is not None and int(corpus_id) != int(eos_id):
-            raise EOSMismatchError(
-                f"{manifest}: field tokenizer.eos_token_id: the corpus was built with EOS "
-                f"{recorded.get('eos_token')!r} (id {corpus_id}, tokenizer {recorded.get('name')!r}) but training "
-                f"uses {described}; rebuild the corpus with the training tokenizer (remask-data build --tokenizer ...)")
-
-
-def check_training_eos(cfg: Any, tokenizer: Any, model_config: Any) -> None:
-    """:func:`check_eos_agreement` for a recipe: its tokenizer, model config and training corpus.
-
-    Raises the recipe's ``ConfigError`` (``train.py`` prints it and exits 2) naming the recipe.
-    """
-    from composer_remask.train.config import ConfigError
-
-    try:
-        check_eos_agreement(tokenizer, model_config, corpus_manifests(cfg.train_loader))
-    except EOSMismatchError as error:
-        raise ConfigError(f"{cfg.source}: {error}") from error
 
 
 # ------------------------------------------------------------------------------------------ CLI

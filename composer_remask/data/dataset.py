@@ -42,9 +42,9 @@ from urllib.parse import urlparse
 import torch
 
 from composer_remask.batch import batch_loss_tokens, tokenizer_pad_id
+from composer_remask.checks import finite_number
 from composer_remask.data.collator import RemaskCollator
 from composer_remask.data.shards import read_index, verify_shards_on_disk
-from composer_remask.numbers import finite_number
 
 if TYPE_CHECKING:
     from composer.core import DataSpec

@@ -58,9 +58,9 @@ def inspect_corpus(out_dir: str, n: int = 3, source: str | None = None,
     ``ShardIntegrityError`` naming it. The tokenizer defaults to the one recorded in the
     manifest (its folder, else its name).
     """
+    from composer_remask.data.manifest import MANIFEST_NAME, vocabulary_hash
     from composer_remask.data.shards import read_mds_samples, verify_shards_on_disk
     from composer_remask.data.tokenizer import load_tokenizer
-    from composer_remask.data.writer import MANIFEST_NAME, vocabulary_hash
 
     with open(os.path.join(out_dir, MANIFEST_NAME)) as f:
         manifest = json.load(f)

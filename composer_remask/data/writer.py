@@ -21,7 +21,6 @@ Same inputs and options give byte-identical shards, whatever the number of worke
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,10 +38,11 @@ from urllib.parse import urlparse
 import numpy as np
 
 from composer_remask.batch import ROLE_NAMES
+from composer_remask.checks import finite_number
 from composer_remask.data.formats import RoleEncoder
+from composer_remask.data.manifest import MANIFEST_NAME, vocabulary_hash
 from composer_remask.data.pipeline import ChunkEncoder, RowOutcome, chunked, termination_raises_interrupt
 from composer_remask.data.sources import SOURCE_NAME_PATTERN, SourceSpec, choose_rows, open_records
-from composer_remask.numbers import finite_number
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -50,7 +50,6 @@ if TYPE_CHECKING:
 MDS_COLUMNS = {"input_ids": "ndarray:int32", "token_roles": "ndarray:int8", "source": "str"}
 COMPRESSION = "zstd"
 HASHES = ["sha1", "xxh64"]  # MDSWriter wants them sorted
-MANIFEST_NAME = "manifest.json"
 STREAMS_NAME = "streams.yaml"
 MANIFEST_VERSION = 1
 OVER_LIMIT = "over_limit"  # skip reason: valid row not drawn by --limit
@@ -120,12 +119,6 @@ def parse_out(out: str | Sequence[str]) -> OutputTarget:
 
 def _join_remote(remote: str, name: str) -> str:
     return f"{remote.rstrip('/')}/{name}" if urlparse(remote).scheme else os.path.join(remote, name)
-
-
-def vocabulary_hash(tokenizer: PreTrainedTokenizerBase) -> str:
-    """sha256 of the token -> id map (added tokens included): same hash, same ids."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
-    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.optim import Optimizer
 
-from composer_remask.numbers import finite_number
+from composer_remask.checks import finite_number
 
 __all__ = ["Lilith"]
 

@@ -12,7 +12,7 @@ import math
 
 from composer.core import State, TimeUnit
 
-from composer_remask.numbers import finite_number
+from composer_remask.checks import finite_number
 from composer_remask.runtime import run_length_in_batches
 
 __all__ = ["OneCycleCosineScheduler"]

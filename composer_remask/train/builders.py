@@ -7,6 +7,7 @@ wrong type is reported with the recipe's file and the dotted key before anything
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 import warnings
 from collections.abc import Mapping
@@ -29,8 +30,8 @@ from composer_remask.train.transforms import HYBRID_STRATEGIES, check_hybrid_deg
 
 __all__ = [
     "BatchSizes", "build_algorithms", "build_batch_sizes", "build_callbacks", "build_loaders", "build_loggers",
-    "build_model", "build_optimizer", "build_parallelism_config", "build_scheduler", "build_tokenizer",
-    "validate_sections",
+    "build_model", "build_optimizer", "build_parallelism_config", "build_scheduler", "build_tokenizer", "construct",
+    "name_and_kwargs", "named_sections", "validate_sections",
 ]
 
 # Values Composer's FSDP (v1) accepts, checked here so a typo fails before the model loads.
@@ -126,7 +127,8 @@ def build_loaders(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase,
 
 # ---------------------------------------------------------------------------- optimizer, schedule
 
-def _name_and_kwargs(section: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
+def name_and_kwargs(section: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
+    """A ``{name: ..., **kwargs}`` section (optimizer, scheduler) split into the name and the arguments."""
     kwargs = dict(section)
     name = kwargs.pop("name", None)
     if not isinstance(name, str):
@@ -141,23 +143,46 @@ def _lookup(reg: registry.Registry, name: str, where: str) -> Any:
         raise ConfigError(f"{where}: {error}") from None
 
 
+def _key_named_in(message: str, keys: Any) -> str | None:
+    """The one argument name an error message mentions, to point at the exact dotted key."""
+    named = [key for key in keys if re.search(rf"\b{re.escape(str(key))}\b", message)]
+    return str(named[0]) if len(named) == 1 else None
+
+
+def construct(cfg: TrainConfig, reg: registry.Registry, name: str, kwargs: Mapping[str, Any], section: str,
+              *args: Any, name_key: str | None = None) -> Any:
+    """The object YAML ``section`` describes: ``reg``'s builder for ``name``, called with ``*args`` and ``kwargs``.
+
+    An unknown name, and an argument the builder itself refuses (a ``mask_prob`` of 1.5, a negative
+    ``lr``), is a :class:`ConfigError` naming the recipe and the dotted key (``name_key`` is where
+    the name is written, default ``section``). Preflight and the builders both construct through here.
+    """
+    builder = _lookup(reg, name, cfg.where(name_key or section))
+    try:
+        return builder(*args, **kwargs)
+    except (ValueError, TypeError) as error:
+        key = _key_named_in(str(error), kwargs)
+        raise ConfigError(f"{cfg.where(f'{section}.{key}' if key else section)}: {error}") from error
+
+
 def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """The optimizer section as written; arguments that follow from FSDP are filled in before
     (:func:`composer_remask.train.transforms.apply_cross_section_rules`)."""
-    name, kwargs = _name_and_kwargs(cfg.optimizer, cfg.where("optimizer"))
-    optimizer_class = _lookup(registry.optimizers, name, cfg.where("optimizer.name"))
-    return optimizer_class(model.parameters(), **kwargs)
+    name, kwargs = name_and_kwargs(cfg.optimizer, cfg.where("optimizer"))
+    return construct(cfg, registry.optimizers, name, kwargs, "optimizer", model.parameters(),
+                     name_key="optimizer.name")
 
 
 def build_scheduler(cfg: TrainConfig) -> Any:
     section = cfg.scheduler or {"name": "constant"}
-    name, kwargs = _name_and_kwargs(section, cfg.where("scheduler"))
-    return _lookup(registry.schedulers, name, cfg.where("scheduler.name"))(**kwargs)
+    name, kwargs = name_and_kwargs(section, cfg.where("scheduler"))
+    return construct(cfg, registry.schedulers, name, kwargs, "scheduler", name_key="scheduler.name")
 
 
 # ----------------------------------------------------------------- algorithms, callbacks, loggers
 
-def _named_sections(cfg: TrainConfig, key: str) -> dict[str, dict[str, Any]]:
+def named_sections(cfg: TrainConfig, key: str) -> dict[str, dict[str, Any]]:
+    """``algorithms`` / ``callbacks`` / ``loggers``: registered name -> its keyword arguments."""
     section = getattr(cfg, key) or {}
     for name, kwargs in section.items():
         if kwargs is not None and not isinstance(kwargs, dict):
@@ -166,18 +191,18 @@ def _named_sections(cfg: TrainConfig, key: str) -> dict[str, dict[str, Any]]:
 
 
 def build_algorithms(cfg: TrainConfig) -> list[Algorithm]:
-    return [_lookup(registry.algorithms, name, cfg.where(f"algorithms.{name}"))(**kw)
-            for name, kw in _named_sections(cfg, "algorithms").items()]
+    return [construct(cfg, registry.algorithms, name, kwargs, f"algorithms.{name}")
+            for name, kwargs in named_sections(cfg, "algorithms").items()]
 
 
 def build_callbacks(cfg: TrainConfig) -> list[Callback]:
     return [_lookup(registry.callbacks, name, cfg.where(f"callbacks.{name}"))(**kwargs)
-            for name, kwargs in _named_sections(cfg, "callbacks").items()]
+            for name, kwargs in named_sections(cfg, "callbacks").items()]
 
 
 def build_loggers(cfg: TrainConfig) -> list[LoggerDestination]:
     return [_lookup(registry.loggers, name, cfg.where(f"loggers.{name}"))(**kwargs)
-            for name, kwargs in _named_sections(cfg, "loggers").items()]
+            for name, kwargs in named_sections(cfg, "loggers").items()]
 
 
 # ------------------------------------------------------------------------------------------ FSDP
@@ -213,16 +238,16 @@ def validate_sections(cfg: TrainConfig, cuda_available: bool | None = None) -> N
     if init_device not in INIT_DEVICES:
         raise ConfigError(f"{cfg.where('model.init_device')}: {init_device!r} is not one of {', '.join(INIT_DEVICES)}")
 
-    name, kwargs = _name_and_kwargs(cfg.optimizer, cfg.where("optimizer"))
+    name, kwargs = name_and_kwargs(cfg.optimizer, cfg.where("optimizer"))
     check_kwargs(_lookup(registry.optimizers, name, cfg.where("optimizer.name")), kwargs, cfg.where("optimizer"),
                  skip=("params",))
     if cfg.scheduler is not None:
-        name, kwargs = _name_and_kwargs(cfg.scheduler, cfg.where("scheduler"))
+        name, kwargs = name_and_kwargs(cfg.scheduler, cfg.where("scheduler"))
         check_kwargs(_lookup(registry.schedulers, name, cfg.where("scheduler.name")), kwargs,
                      cfg.where("scheduler"))
     for key, reg in (("algorithms", registry.algorithms), ("callbacks", registry.callbacks),
                      ("loggers", registry.loggers)):
-        for name, kwargs in _named_sections(cfg, key).items():
+        for name, kwargs in named_sections(cfg, key).items():
             target = _lookup(reg, name, cfg.where(f"{key}.{name}"))
             check_kwargs(target, kwargs, cfg.where(f"{key}.{name}"))
 

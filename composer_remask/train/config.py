@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from composer_remask.arguments import check_type
-from composer_remask.numbers import non_finite_numbers
+from composer_remask.checks import non_finite_numbers
 
 __all__ = ["ConfigError", "TrainConfig", "load_config", "check_kwargs"]
 

@@ -1,12 +1,14 @@
 """What a recipe is checked for before its data and model are built, and the guard that runs with it.
 
 - :func:`validate_recipe`: every section against what it builds (:func:`validate_sections`), then
-  the algorithms, optimizer and schedule are constructed once on a stand-in parameter, so their own
-  argument checks (a ``mask_prob`` of 1.5, a negative ``lr``) fail here, naming the recipe and key;
+  the algorithms (kept for the Trainer), the optimizer (on a stand-in parameter) and the schedule
+  are constructed (``builders.construct``), so their own argument checks (a ``mask_prob`` of 1.5,
+  a negative ``lr``) fail here, naming the recipe and key;
 - :func:`load_recipe_tokenizer`: the tokenizer, with a missing folder reported as a recipe error;
 - :func:`check_corpus`: the corpus's ``manifest.json`` (written by ``remask-data build``) against the
   recipe: the same tokenizer vocabulary, and a ``max_seq_len`` no shorter than the corpus's (rows
   are fitted to the corpus's length at build time; a shorter recipe would cut CoT answers);
+- :func:`check_training_eos`: the tokenizer's EOS is the model config's and the corpus's;
 - :class:`NonFiniteLossGuard`: stops a run whose loss is NaN or infinite before that batch is
   checkpointed or exported.
 """
@@ -15,60 +17,52 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from composer.core import Callback, State
+from composer.core import Algorithm, Callback, State
 from composer.loggers import Logger
 from transformers import PreTrainedTokenizerBase
 
+from composer_remask.data.manifest import (
+    EOSMismatchError,
+    check_eos_agreement,
+    corpus_manifests,
+    vocabulary_hash,
+)
 from composer_remask.train import registry
+from composer_remask.train.builders import (
+    build_algorithms,
+    build_scheduler,
+    build_tokenizer,
+    construct,
+    name_and_kwargs,
+    validate_sections,
+)
 from composer_remask.train.config import ConfigError, TrainConfig
 
-__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "check_corpus", "load_recipe_tokenizer", "validate_recipe"]
+__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "check_corpus", "check_training_eos", "load_recipe_tokenizer",
+           "validate_recipe"]
 
 
-def _key_named_in(message: str, keys: Any) -> str | None:
-    """The one argument name an error message mentions, to point at the exact dotted key."""
-    named = [key for key in keys if re.search(rf"\b{re.escape(str(key))}\b", message)]
-    return str(named[0]) if len(named) == 1 else None
+def validate_recipe(cfg: TrainConfig, cuda_available: bool | None = None) -> list[Algorithm]:
+    """All checks that need neither data nor weights; raises :class:`ConfigError` naming file and key.
 
-
-def _constructed(cfg: TrainConfig, section: str, build: Any, kwargs: dict[str, Any]) -> Any:
-    try:
-        return build()
-    except (ValueError, TypeError) as error:
-        key = _key_named_in(str(error), kwargs)
-        where = cfg.where(f"{section}.{key}" if key else section)
-        raise ConfigError(f"{where}: {error}") from error
-
-
-def validate_recipe(cfg: TrainConfig, cuda_available: bool | None = None) -> None:
-    """All checks that need neither data nor weights; raises :class:`ConfigError` naming file and key."""
-    from composer_remask.train.builders import _named_sections, validate_sections
-
+    Returns the recipe's algorithms, constructed here once (through the registry), for the Trainer.
+    """
     validate_sections(cfg, cuda_available)
-    for name, kwargs in _named_sections(cfg, "algorithms").items():
-        target = registry.algorithms.get(name)
-        _constructed(cfg, f"algorithms.{name}", lambda t=target, k=kwargs: t(**k),
-                     kwargs)
-
-    optimizer_kwargs = {key: value for key, value in cfg.optimizer.items() if key != "name"}
-    optimizer_class = registry.optimizers.get(cfg.optimizer["name"])
+    algorithms = build_algorithms(cfg)
+    name, kwargs = name_and_kwargs(cfg.optimizer, cfg.where("optimizer"))
     stand_in = [torch.nn.Parameter(torch.zeros(1))]
-    _constructed(cfg, "optimizer", lambda: optimizer_class(stand_in, **optimizer_kwargs), optimizer_kwargs)
+    construct(cfg, registry.optimizers, name, kwargs, "optimizer", stand_in, name_key="optimizer.name")
     if cfg.scheduler is not None:
-        scheduler_kwargs = {key: value for key, value in cfg.scheduler.items() if key != "name"}
-        scheduler_class = registry.schedulers.get(cfg.scheduler["name"])
-        _constructed(cfg, "scheduler", lambda: scheduler_class(**scheduler_kwargs), scheduler_kwargs)
+        build_scheduler(cfg)
+    return algorithms
 
 
 def load_recipe_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     """The recipe's tokenizer; a folder that does not exist (or a hub name that does not load) is a recipe error."""
-    from composer_remask.train.builders import build_tokenizer
-
     name = str(cfg.tokenizer.get("name"))
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
     if looks_like_path and not Path(name).expanduser().exists():
@@ -83,8 +77,6 @@ def load_recipe_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
 
 def check_corpus(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
     """Compare each loader's corpus manifest with the recipe (see the module docstring)."""
-    from composer_remask.data.writer import vocabulary_hash
-    from composer_remask.pretrained import corpus_manifests
 
     recipe_hash: str | None = None
     for key in ("train_loader", "eval_loader"):
@@ -115,6 +107,17 @@ def check_corpus(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
                     f"{cfg.where(seq_key)}: {seq_len} is shorter than the max_seq_len {corpus_len} that {path} "
                     f"was built with: rows would be cut at {seq_len} tokens, CoT answers included. Set "
                     f"{seq_key}: {corpus_len} (or more), or rebuild the corpus with --max-seq-len {seq_len}.")
+
+
+def check_training_eos(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, model_config: Any) -> None:
+    """The recipe's tokenizer, model config and training corpus agree on the EOS (``check_eos_agreement``).
+
+    A mismatch is the recipe's :class:`ConfigError` (``train.py`` prints it and exits 2).
+    """
+    try:
+        check_eos_agreement(tokenizer, model_config, corpus_manifests(cfg.train_loader))
+    except EOSMismatchError as error:
+        raise ConfigError(f"{cfg.source}: {error}") from error
 
 
 class NonFiniteLossError(RuntimeError):

@@ -76,8 +76,8 @@ def _register_builtins() -> None:
     from composer import loggers as composer_loggers
     from composer.optim import DecoupledAdamW, scheduler
 
-    from composer_remask.algorithm import ReMask
     from composer_remask.optim import Lilith, OneCycleCosineScheduler
+    from composer_remask.remask.algorithm import ReMask
     from composer_remask.train.model import hf_causal_lm
 
     models.register("hf_causal_lm", hf_causal_lm)

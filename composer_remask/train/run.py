@@ -23,10 +23,9 @@ from pathlib import Path
 from composer import Trainer
 from composer.utils import dist, reproducibility
 
+from composer_remask.checkpoints import CheckpointError, install_safe_loading, recover_save_folder
 from composer_remask.export import export_model
-from composer_remask.pretrained import check_training_eos
 from composer_remask.train.builders import (
-    build_algorithms,
     build_batch_sizes,
     build_callbacks,
     build_loaders,
@@ -36,12 +35,12 @@ from composer_remask.train.builders import (
     build_parallelism_config,
     build_scheduler,
 )
-from composer_remask.train.checkpoints import CheckpointError, install_safe_loading, recover_save_folder
 from composer_remask.train.config import ConfigError, TrainConfig, load_config
 from composer_remask.train.preflight import (
     NonFiniteLossError,
     NonFiniteLossGuard,
     check_corpus,
+    check_training_eos,
     load_recipe_tokenizer,
     validate_recipe,
 )
@@ -71,7 +70,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[Trainer, RunReport]:
     """Every object of the recipe, then the Trainer (which starts the process group)."""
     import_code_paths(cfg.code_paths or [], cfg.where("code_paths"))
     cfg = apply_cross_section_rules(cfg)
-    validate_recipe(cfg)
+    algorithms = validate_recipe(cfg)  # constructed once, here
     install_safe_loading(trusted=cfg.trust_checkpoint_pickle)
     reproducibility.seed_all(cfg.seed)  # random-init weights depend on the recipe's seed
 
@@ -97,7 +96,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[Trainer, RunReport]:
             max_duration=cfg.max_duration,
             optimizers=optimizer,
             schedulers=build_scheduler(cfg),
-            algorithms=build_algorithms(cfg),
+            algorithms=algorithms,
             callbacks=[*build_callbacks(cfg), report, NonFiniteLossGuard()],
             loggers=build_loggers(cfg),
             run_name=cfg.run_name,

@@ -11,6 +11,12 @@ The rules:
   FSDP runs, ``sync_module_states`` is turned on (the ranks that built on meta get rank 0's weights
   that way; a written ``false`` is refused); where it does not (no CUDA), every rank loads the
   weights (``init_device: cpu``, with a warning), since no rank may be left on meta.
+* ReMask's ``loss_weighting`` follows ``accumulate_train_batch_on_tokens``: the recipe builds both
+  the Trainer and ReMask, and its loaders are the project's DataSpec, which counts samples as rows
+  and loss-generating tokens with ``batch_loss_tokens``, exactly as ReMask's declared modes do. So
+  ``auto`` (the default) becomes ``tokens`` or ``samples`` and the weight is stated, not read off
+  the running Trainer; ReMask's probe still checks it on the first microbatch. A value written in
+  the recipe is kept.
 
 Whether FSDP runs is decided in one place, :func:`fsdp_runs`.
 """
@@ -19,13 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from typing import Any
 
 import torch
 
 from composer_remask.train.config import ConfigError, TrainConfig
 
-__all__ = ["HYBRID_STRATEGIES", "apply_cross_section_rules", "check_hybrid_degrees", "fsdp_runs",
-           "lilith_is_sharded", "lilith_replicas"]
+__all__ = ["HYBRID_STRATEGIES", "apply_cross_section_rules", "check_hybrid_degrees", "declared_loss_weighting",
+           "fsdp_runs", "lilith_is_sharded", "lilith_replicas"]
 
 SHARDING_STRATEGIES_WITH_WHOLE_RANK_SHARDS = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 HYBRID_STRATEGIES = ("HYBRID_SHARD", "_HYBRID_SHARD_ZERO2")  # shards within a node, replicas across nodes
@@ -70,6 +77,27 @@ def lilith_replicas(cfg: TrainConfig) -> int:
     return int(cfg.fsdp_config["data_parallel_replicate_degree"]) if strategy in HYBRID_STRATEGIES else 1
 
 
+def declared_loss_weighting(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The ``algorithms`` section with each ReMask's ``loss_weighting: auto`` stated as the Trainer will weight.
+
+    ``tokens`` under ``accumulate_train_batch_on_tokens`` (the project's DataSpec counts
+    loss-generating tokens with ``batch_loss_tokens``), else ``samples``.
+    """
+    from composer_remask.remask import ReMask
+    from composer_remask.train import registry
+
+    if not cfg.algorithms:
+        return cfg.algorithms
+    mode = "tokens" if cfg.accumulate_train_batch_on_tokens else "samples"
+    algorithms = dict(cfg.algorithms)
+    for name, kwargs in algorithms.items():
+        builder = registry.algorithms.get(name) if name in registry.algorithms else None
+        is_remask = isinstance(builder, type) and issubclass(builder, ReMask)
+        if is_remask and isinstance(kwargs, (dict, type(None))) and (kwargs or {}).get("loss_weighting", "auto") == "auto":
+            algorithms[name] = {**(kwargs or {}), "loss_weighting": mode}
+    return algorithms
+
+
 def apply_cross_section_rules(cfg: TrainConfig, cuda_available: bool | None = None) -> TrainConfig:
     """``cfg`` with the arguments that follow from other sections filled in (a copy; ``cfg`` is kept).
 
@@ -101,4 +129,5 @@ def apply_cross_section_rules(cfg: TrainConfig, cuda_available: bool | None = No
             warnings.warn("model.init_device 'mixed' needs FSDP (fsdp_config on CUDA GPUs); loading the weights "
                           "on every rank instead", stacklevel=2)
             model["init_device"] = "cpu"
-    return dataclasses.replace(cfg, optimizer=optimizer, model=model, fsdp_config=fsdp_config)
+    return dataclasses.replace(cfg, optimizer=optimizer, model=model, fsdp_config=fsdp_config,
+                               algorithms=declared_loss_weighting(cfg))

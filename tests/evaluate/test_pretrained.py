@@ -18,11 +18,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from composer_remask.batch import ANSWER_TAG, MASK_TOKEN, REMASK_SPECIAL_TOKENS  # noqa: E402
+from composer_remask.data.manifest import EOSMismatchError, check_eos_agreement  # noqa: E402
 from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory  # noqa: E402
 from composer_remask.pretrained import (  # noqa: E402
-    EOSMismatchError,
     GGUFImportError,
-    check_eos_agreement,
     import_gguf,
     main,
     resolve_gguf,
@@ -252,9 +251,9 @@ def test_eos_guard_names_both_values(tiny_gguf, tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tinycot_corpus(tmp_path_factory) -> Path:
-    from composer_remask.data.fixtures import write_source_fixtures
     from composer_remask.data.sources import parse_source_arg
     from composer_remask.data.writer import build_corpus
+    from composer_remask.tools.fixtures import write_source_fixtures
 
     clean_unused_streaming_shared_memory()
     root = tmp_path_factory.mktemp("eos-corpus")

@@ -243,7 +243,7 @@ def test_two_processes_match_one_process(tmp_path):
 @pytest.mark.parametrize("divergence", ["sym_kl", "js"])
 def test_one_step_matches_an_independent_reference(tiny_tokenizer, divergence):
     """Trainer + ReMask (label drops, 2 microbatches) == textbook loss on the same masks, by autograd."""
-    from composer_remask.masking import MaskVocabulary, remask_batch
+    from composer_remask.remask.masking import MaskVocabulary, remask_batch
     from tests.helpers.reference_loss import reference_loss
 
     kwargs = dict(mask_prob=0.5, weight=0.7, divergence=divergence, rationale_label_drop_prob=0.3,

@@ -6,14 +6,8 @@ import pytest
 import torch
 
 from composer_remask import remask_loss
-from composer_remask.loss import (
-    DIVERGENCE_SPECS,
-    DIVERGENCES,
-    DivergenceSpec,
-    LossSums,
-    predicted_positions,
-    remask_loss_from_rows,
-)
+from composer_remask.remask.divergences import DIVERGENCE_SPECS, DIVERGENCES, DivergenceSpec
+from composer_remask.remask.loss import LossSums, predicted_positions, remask_loss_from_rows
 from tests.helpers.reference_loss import reference_loss
 
 
@@ -281,7 +275,7 @@ def test_a_second_backward_through_the_same_loss_is_a_clear_error():
 @pytest.mark.parametrize("block_elements", [1, 3 * 2 * 29])
 def test_chunks_and_cache_blocks_of_any_size_give_the_reference(kind, detach_full, block_elements, monkeypatch):
     """Hidden rows through a biased head, split in chunks of 3 rows and elementwise blocks of 1 or 3 rows."""
-    import composer_remask.loss as loss_module
+    import composer_remask.remask.loss as loss_module
 
     monkeypatch.setattr(loss_module, "_BLOCK_ELEMENTS", block_elements)
     hidden_full, hidden_masked, head, labels, divergence_mask = _hidden_case(seed=14)

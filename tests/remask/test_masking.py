@@ -13,7 +13,7 @@ from composer_remask.batch import (
     ROLE_RATIONALE,
     ROLE_RESPONSE,
 )
-from composer_remask.masking import MaskVocabulary, content_sample_keys, remask_batch
+from composer_remask.remask.masking import MaskVocabulary, content_sample_keys, remask_batch
 from tests.helpers.synthetic import CoTDataset, collate
 
 MASK_ID = 404

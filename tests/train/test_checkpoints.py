@@ -10,8 +10,7 @@ import pytest
 import torch
 from composer.utils.checkpoint import safe_torch_load
 
-from composer_remask.export import main as export_main
-from composer_remask.train.checkpoints import (
+from composer_remask.checkpoints import (
     LATEST_NAME,
     CorruptCheckpointError,
     UnsafeCheckpointError,
@@ -20,6 +19,7 @@ from composer_remask.train.checkpoints import (
     recover_save_folder,
     safe_loading,
 )
+from composer_remask.export import main as export_main
 from tests.helpers.checkpoints import WritesAFile, crafted_checkpoint
 
 

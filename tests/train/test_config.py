@@ -230,6 +230,16 @@ def test_remask_needs_no_weighting_setting_whatever_the_accumulation():
     assert build_algorithms(explicit)[0].loss_weighting == "samples"
 
 
+def test_recipes_state_the_loss_weighting_their_trainer_uses():
+    """The recipe builds the Trainer and ReMask: ``auto`` becomes the mode the project's DataSpec gives."""
+    for value, mode in (("true", "tokens"), ("false", "samples")):
+        cfg = apply_cross_section_rules(load_config(TINY_RECIPE, [f"accumulate_train_batch_on_tokens={value}"]))
+        assert build_algorithms(cfg)[0].loss_weighting == mode
+    written = apply_cross_section_rules(load_config(TINY_RECIPE, ["accumulate_train_batch_on_tokens=true",
+                                                                  "algorithms.remask.loss_weighting=samples"]))
+    assert build_algorithms(written)[0].loss_weighting == "samples"  # a written value is kept
+
+
 def test_user_code_registers_its_own_algorithm(tmp_path):
     plugin = write(tmp_path, '''
 from composer.core import Algorithm

@@ -50,7 +50,7 @@ def test_nan_loss_stops_before_saving_that_batch(sample_corpus, tmp_path):
     folder = run_dir / "checkpoints"
     assert sorted(p.name for p in folder.glob("ep*")) == ["ep0-ba1-rank0.pt"]
     assert os.readlink(folder / "latest-rank0.pt") == "ep0-ba1-rank0.pt"
-    from composer_remask.train.checkpoints import load_checkpoint_file
+    from composer_remask.checkpoints import load_checkpoint_file
 
     weights = load_checkpoint_file(folder / "ep0-ba1-rank0.pt")["state"]["model"]
     assert all(torch.isfinite(value).all() for value in weights.values() if value.is_floating_point())

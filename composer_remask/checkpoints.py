@@ -13,6 +13,9 @@ A run killed while Composer writes ``ep*-ba*-rank0.pt`` leaves a truncated file 
 autoresume fail (Composer refuses a save folder holding a "future" checkpoint).
 :func:`recover_save_folder` moves unreadable checkpoints aside (``NAME.partial-<time>``) and points
 ``latest-rank0.pt`` at the newest readable one, before the Trainer looks at the folder.
+
+:func:`load_composer_checkpoint` reads a whole checkpoint (a ``.pt`` file or a sharded folder) the
+same safe way, for ``remask-export``. Training (``train/``) and the export both build on this module.
 """
 
 from __future__ import annotations
@@ -35,12 +38,14 @@ import numpy as np
 import torch
 from torch.torch_version import TorchVersion
 
+from composer_remask._private_api import load_sharded_checkpoint
+
 log = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointError", "CorruptCheckpointError", "SAFE_CHECKPOINT_GLOBALS", "UnsafeCheckpointError",
-    "check_before_composer_load", "install_safe_loading", "load_checkpoint_file", "read_dcp_metadata",
-    "recover_save_folder",
+    "check_before_composer_load", "install_safe_loading", "load_checkpoint_file", "load_composer_checkpoint",
+    "read_dcp_metadata", "recover_save_folder",
 ]
 
 VALIDATION_ENV = "CHECKPOINT_VALIDATION_FUNCTION"  # read by composer.utils.checkpoint at every load
@@ -166,6 +171,34 @@ def read_dcp_metadata(path: str | Path) -> Any:
                                     f"{TRUST_HINT}") from error
     except (OSError, EOFError, AttributeError, ValueError, TypeError) as error:
         raise CorruptCheckpointError(f"{path}: unreadable sharded-checkpoint metadata ({error})") from error
+
+
+def load_composer_checkpoint(path: Path, trusted: bool = False) -> dict[str, Any]:
+    """The checkpoint's state dict, read without running code from the file unless ``trusted``.
+
+    A ``.pt`` file loads with ``weights_only=True`` (CRC-checked first, so a damaged file is an
+    error, not a silently wrong export); a sharded folder's ``.metadata`` is read by an unpickler
+    that only creates torch's checkpoint-metadata classes, and its data files load with
+    ``weights_only=True`` as well.
+    """
+    if not path.is_dir():
+        return load_checkpoint_file(path, trusted=trusted, check_crc=True)
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    class SafeMetadataReader(FileSystemReader):
+        def read_metadata(self) -> Any:
+            if trusted:
+                return super().read_metadata()
+            return read_dcp_metadata(Path(self.path) / ".metadata")
+
+    if not trusted:
+        read_dcp_metadata(path / ".metadata")  # refused here with its own message, not wrapped by DCP
+    try:
+        with torch.serialization.safe_globals(SAFE_CHECKPOINT_GLOBALS):
+            return load_sharded_checkpoint(SafeMetadataReader(path))
+    except CheckpointException as error:
+        raise CorruptCheckpointError(f"{path}: cannot read this sharded checkpoint: {error}") from error
 
 
 def check_before_composer_load(path: str | Path, specs: Sequence[tuple[int, int]] | None = None) -> bool:

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from composer_remask._private_api import composer_microbatch_weight
 from composer_remask.batch import DIVERGENCE_MASK_KEY
-from composer_remask.normalization import (
+from composer_remask.remask.loss_weighting import (
     GlobalCounts,
     MicrobatchScales,
     WeightingProbe,
-    composer_microbatch_weight,
     declared_microbatch_weight,
     microbatch_scales,
 )
@@ -110,7 +110,7 @@ def test_probe_stays_off_under_a_grad_scaler_and_learns_nothing_from_a_zero_loss
 
 
 def test_counts_may_be_numpy_numbers_or_tensors():
-    from composer_remask.normalization import _number
+    from composer_remask._private_api import _number
 
     assert _number(np.int64(3)) == 3.0 and _number(np.float32(1.5)) == 1.5
     assert _number(torch.tensor(7)) == 7.0 and _number(5) == 5.0

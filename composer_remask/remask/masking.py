@@ -29,7 +29,7 @@ from composer_remask.batch import (
     ROLE_RESPONSE,
     tokenizer_pad_id,
 )
-from composer_remask.numbers import finite_number
+from composer_remask.checks import finite_number
 
 MASK_STRATEGIES = ("mask_token", "random", "pad")
 
@@ -168,7 +168,7 @@ class MaskVocabulary:
     random_candidates: torch.Tensor | None = None
     vocab_size: int | None = None  # rows of the model's embeddings: every label must be below it
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # the one check of a mask_strategy, wherever it enters
         if self.strategy not in MASK_STRATEGIES:
             raise ValueError(f"unknown mask_strategy {self.strategy!r}; choose one of {MASK_STRATEGIES}")
 
@@ -179,8 +179,6 @@ class MaskVocabulary:
 
         ``replaces=False`` (no masked pass: plain SFT) needs no mask token, pad or candidates.
         """
-        if strategy not in MASK_STRATEGIES:
-            raise ValueError(f"unknown mask_strategy {strategy!r}; choose one of {MASK_STRATEGIES}")
         rows = embedding_rows(hf_model)
         special: set[int] = set()
         pad_id = None
@@ -296,14 +294,34 @@ def remask_batch(
     ``sample_keys`` identify the rows' samples (default: :func:`content_sample_keys`, a hash of
     each row's tokens). ``vocabulary`` says what masked positions become (default: nothing is
     protected and ``mask_prob`` must be 0). The divergence covers every position that was
-    predicted before the label rules dropped any.
+    predicted before the label rules dropped any. The probabilities are checked here, where they
+    enter; :func:`draw_batch_masks` is the same draw for callers that checked them already (ReMask).
     """
+    return draw_batch_masks(
+        input_ids, labels, token_roles, attention_mask, vocabulary=vocabulary, seed=seed, batch_index=batch_index,
+        sample_keys=sample_keys, mask_prob=finite_number(mask_prob, "remask_batch: mask_prob", low=0.0, high=1.0),
+        rationale_label_drop_prob=finite_number(rationale_label_drop_prob, "remask_batch: rationale_label_drop_prob",
+                                                low=0.0, high=1.0),
+        answer_only_prob=finite_number(answer_only_prob, "remask_batch: answer_only_prob", low=0.0, high=1.0))
+
+
+def draw_batch_masks(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    token_roles: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    *,
+    mask_prob: float,
+    vocabulary: MaskVocabulary | None,
+    rationale_label_drop_prob: float,
+    answer_only_prob: float,
+    seed: int,
+    batch_index: int,
+    sample_keys: Sequence[int] | None,
+) -> MaskedBatch:
+    """:func:`remask_batch` with probabilities already checked (in ``[0, 1]``, finite)."""
     if input_ids.shape != labels.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} differ in shape")
-    mask_prob = finite_number(mask_prob, "remask_batch: mask_prob", low=0.0, high=1.0)
-    rationale_label_drop_prob = finite_number(rationale_label_drop_prob, "remask_batch: rationale_label_drop_prob",
-                                              low=0.0, high=1.0)
-    answer_only_prob = finite_number(answer_only_prob, "remask_batch: answer_only_prob", low=0.0, high=1.0)
     vocabulary = vocabulary if vocabulary is not None else MaskVocabulary(strategy="mask_token")
     if sample_keys is None:
         sample_keys = content_sample_keys(input_ids, attention_mask, vocabulary.pad_token_id)

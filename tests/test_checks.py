@@ -13,14 +13,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from composer_remask.algorithm import ReMask
+from composer_remask.checks import finite_number, non_finite_numbers
 from composer_remask.data.dataset import build_dataloader
 from composer_remask.data.writer import StreamWeight
 from composer_remask.evaluate import main as remask_eval
-from composer_remask.loss import remask_loss
-from composer_remask.masking import MaskVocabulary, remask_batch
-from composer_remask.numbers import finite_number, non_finite_numbers
 from composer_remask.optim import Lilith, OneCycleCosineScheduler
+from composer_remask.remask.algorithm import ReMask
+from composer_remask.remask.loss import remask_loss
+from composer_remask.remask.masking import MaskVocabulary, remask_batch
 
 NON_FINITE = [math.nan, math.inf, -math.inf, "nan", "inf"]
 

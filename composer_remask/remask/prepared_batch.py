@@ -29,7 +29,7 @@ from composer_remask.batch import (
     num_loss_tokens,
     row_counts,
 )
-from composer_remask.masking import MaskVocabulary, content_sample_keys, remask_batch
+from composer_remask.remask.masking import MaskVocabulary, content_sample_keys, draw_batch_masks
 
 _SIGN = 1 << 63
 
@@ -86,7 +86,7 @@ def prepare_batch(
     check_batch(batch, vocabulary.vocab_size)
     masked_key = _masked_key(layout)
     keys = content_sample_keys(batch["input_ids"], batch.get("attention_mask"), vocabulary.pad_token_id)
-    masked = remask_batch(
+    masked = draw_batch_masks(
         batch["input_ids"], batch["labels"], batch.get(TOKEN_ROLES_KEY), batch.get("attention_mask"),
         mask_prob=mask_prob if masked_key else 0.0, vocabulary=vocabulary, seed=seed, batch_index=batch_index,
         rationale_label_drop_prob=rationale_label_drop_prob, answer_only_prob=answer_only_prob, sample_keys=keys)

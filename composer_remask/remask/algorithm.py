@@ -3,12 +3,12 @@
 * ``FIT_START``: settle the mask seed (given, restored from a checkpoint, or the restored
   ``rank_zero_seed``) and count both passes in ``flops_per_batch`` for this fit only.
 * ``BATCH_START`` (whole device batch, after every algorithm's ``AFTER_DATALOADER``, so the list
-  order does not matter): label rules and masks (:mod:`composer_remask.masking`), global counts
-  (:mod:`composer_remask.normalization`). What the batch looked like is recorded in it.
+  order does not matter): label rules and masks (:mod:`composer_remask.remask.masking`), global counts
+  (:mod:`composer_remask.remask.loss_weighting`). What the batch looked like is recorded in it.
 * ``BEFORE_FORWARD`` (one microbatch): check the microbatch is still what was prepared, then run
   ``[full; masked]`` in one forward (one FSDP all-gather).
-* ``AFTER_FORWARD``: the loss at predicted positions only (:mod:`composer_remask.lean_path`,
-  :mod:`composer_remask.loss`), scaled to the exact global token mean; the full half of the
+* ``AFTER_FORWARD``: the loss at predicted positions only (:mod:`composer_remask.remask.hidden_states`,
+  :mod:`composer_remask.remask.loss`), scaled to the exact global token mean; the full half of the
   batch and outputs are put back so train metrics measure the full sequence.
 * ``AFTER_LOSS``: ``state.loss`` becomes ``{total, ce_full, ce_masked, divergence}``.
 * ``AFTER_TRAIN_BATCH`` (before the optimizer step): every prepared row was trained exactly once.
@@ -23,42 +23,46 @@ from typing import Any
 
 import torch
 from composer.core import Algorithm, Event, State
-from composer.core.precision import Precision, get_precision_context
+from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from composer_remask._private_api import composer_microbatch_weight, loss_scaled_in_place
 from composer_remask.arguments import check_arguments
 from composer_remask.batch import (
     DIVERGENCE_MASK_KEY,
     LAYOUT_FULL,
     LAYOUT_FULL_AND_MASKED,
-    LAYOUT_MASKED_ONLY,
     TOKEN_ROLES_KEY,
     forward_passes,
 )
-from composer_remask.lean_path import (
+from composer_remask.checks import finite_number
+from composer_remask.remask.functional import microbatch_loss
+from composer_remask.remask.hidden_states import (
     LOSS_IMPLS,
     HiddenStateCapture,
     choose_loss_impl,
     gather_loss_rows,
     output_logits,
 )
-from composer_remask.loss import DIVERGENCES, predicted_positions, remask_loss_from_rows
-from composer_remask.masking import MASK_STRATEGIES, MaskVocabulary
-from composer_remask.normalization import (
+from composer_remask.remask.loss import predicted_positions
+from composer_remask.remask.loss_weighting import (
     LOSS_WEIGHTINGS,
     GlobalCounts,
     WeightingProbe,
-    composer_microbatch_weight,
     declared_microbatch_weight,
     microbatch_scales,
 )
-from composer_remask.numbers import finite_number
-from composer_remask.prepared_batch import forward_batch, microbatch_problem, prepare_batch
+from composer_remask.remask.masking import MaskVocabulary
+from composer_remask.remask.options import RemaskOptions, at_least
+from composer_remask.remask.prepared_batch import forward_batch, microbatch_problem, prepare_batch
 from composer_remask.runtime import PassCountingFlops, run_length_in_batches, unwrap_ddp
 
 log = logging.getLogger(__name__)
+
+# ReMask's arguments that are not the method's options (RemaskOptions): how it runs inside a Trainer.
+_TRAINER_ARGUMENTS = ("mask_prob_warmup", "seed", "loss_weighting", "loss_impl", "chunk_rows")
 
 
 class ReMask(Algorithm):
@@ -118,35 +122,21 @@ class ReMask(Algorithm):
         loss_impl: str = "auto",
         chunk_rows: int | None = None,
     ) -> None:
-        # Types as the signature says (the recipes check the same hints): nothing is reinterpreted.
-        check_arguments(ReMask.__init__, locals(), "ReMask")
-        self.mask_prob = finite_number(mask_prob, "ReMask: mask_prob", low=0.0, high=1.0)
-        self.weight = finite_number(weight, "ReMask: weight", low=0.0)
-        self.rationale_label_drop_prob = finite_number(rationale_label_drop_prob, "ReMask: rationale_label_drop_prob",
-                                                       low=0.0, high=1.0)
-        self.answer_only_prob = finite_number(answer_only_prob, "ReMask: answer_only_prob", low=0.0, high=1.0)
+        arguments = locals()
+        # The method's options are checked (types, then values) once, in RemaskOptions; the
+        # Trainer-side ones here, against the same type hints the recipes use.
+        check_arguments(ReMask.__init__, {name: arguments[name] for name in _TRAINER_ARGUMENTS}, "ReMask")
+        self.options = RemaskOptions(mask_prob, weight, divergence, mask_strategy, mask_token_id,
+                                     rationale_label_drop_prob, answer_only_prob, detach_full, masked_only)
         self.mask_prob_warmup = finite_number(mask_prob_warmup, "ReMask: mask_prob_warmup", low=0.0, high=1.0)
-        for name, value, allowed in (("divergence", divergence, DIVERGENCES),
-                                     ("mask_strategy", mask_strategy, MASK_STRATEGIES),
-                                     ("loss_weighting", loss_weighting, LOSS_WEIGHTINGS),
+        for name, value, allowed in (("loss_weighting", loss_weighting, LOSS_WEIGHTINGS),
                                      ("loss_impl", loss_impl, LOSS_IMPLS)):
             if value not in allowed:
                 raise ValueError(f"ReMask: unknown {name} {value!r}; choose one of {tuple(allowed)}")
-        if masked_only and self.weight > 0:
-            raise ValueError(f"ReMask: masked_only=True trains one pass on the masked input, so there is no full pass "
-                             f"for the divergence; set weight=0 (got weight={self.weight}).")
-        for name, value, low in (("chunk_rows", chunk_rows, 1), ("seed", seed, 0), ("mask_token_id", mask_token_id, 0)):
-            if value is not None and value < low:
-                raise ValueError(f"ReMask: {name} must be >= {low} (or None), got {value!r}")
-        self.divergence = divergence
-        self.mask_strategy = mask_strategy
-        self.mask_token_id = None if mask_token_id is None else int(mask_token_id)
-        self.detach_full = detach_full
-        self.masked_only = masked_only
-        self.seed = None if seed is None else int(seed)
+        self.seed = at_least("seed", seed, 0)
         self.loss_weighting = loss_weighting
         self.loss_impl = loss_impl
-        self.chunk_rows = None if chunk_rows is None else int(chunk_rows)
+        self.chunk_rows = at_least("chunk_rows", chunk_rows, 1)
         self._reset()
 
     def _reset(self) -> None:
@@ -155,7 +145,7 @@ class ReMask(Algorithm):
             self._capture.remove()  # hooks left by a forward that never finished
         self._seed: int | None = None  # settled at FIT_START or restored from a checkpoint
         self._composer_model: Any = None
-        self._vocabulary = MaskVocabulary(self.mask_strategy, self.mask_token_id)
+        self._vocabulary = MaskVocabulary(self.options.mask_strategy, self.options.mask_token_id)
         self._impl = "logits"
         self._capture = HiddenStateCapture()
         self._probe = WeightingProbe()
@@ -169,11 +159,19 @@ class ReMask(Algorithm):
         self._loss: dict[str, torch.Tensor] | None = None
 
     @property
+    def mask_prob(self) -> float:
+        """The mask rate after warm-up (``current_mask_prob`` gives the rate of a batch)."""
+        return self.options.mask_prob
+
+    @property
+    def weight(self) -> float:
+        """The divergence weight, by its public name (``ReMask(weight=...)``, the card's)."""
+        return self.options.divergence_weight
+
+    @property
     def layout(self) -> str:
         """Which passes run (``composer_remask.batch.LAYOUTS``): ``mask_prob == 0`` is one full pass."""
-        if self.mask_prob <= 0:
-            return LAYOUT_FULL
-        return LAYOUT_MASKED_ONLY if self.masked_only else LAYOUT_FULL_AND_MASKED
+        return self.options.layout
 
     @property
     def two_pass(self) -> bool:
@@ -228,10 +226,14 @@ class ReMask(Algorithm):
                               "resumed run draws the masks the interrupted run would have drawn.", stacklevel=2)
 
     def __repr__(self) -> str:
-        arguments = ("mask_prob", "weight", "divergence", "mask_strategy", "mask_token_id", "rationale_label_drop_prob",
-                     "answer_only_prob", "mask_prob_warmup", "detach_full", "masked_only", "seed", "loss_weighting",
-                     "loss_impl", "chunk_rows")
-        return f"ReMask({', '.join(f'{name}={getattr(self, name)!r}' for name in arguments)})"
+        o = self.options
+        arguments = {"mask_prob": o.mask_prob, "weight": o.divergence_weight, "divergence": o.divergence,
+                     "mask_strategy": o.mask_strategy, "mask_token_id": o.mask_token_id,
+                     "rationale_label_drop_prob": o.rationale_label_drop_prob, "answer_only_prob": o.answer_only_prob,
+                     "mask_prob_warmup": self.mask_prob_warmup, "detach_full": o.detach_full,
+                     "masked_only": o.masked_only, "seed": self.seed, "loss_weighting": self.loss_weighting,
+                     "loss_impl": self.loss_impl, "chunk_rows": self.chunk_rows}
+        return f"ReMask({', '.join(f'{name}={value!r}' for name, value in arguments.items())})"
 
     # ------------------------------------------------------------------------------- INIT / FIT
 
@@ -240,8 +242,9 @@ class ReMask(Algorithm):
         model = unwrap_ddp(state.model)
         self._composer_model = model
         hf_model = getattr(model, "model", None)
-        self._vocabulary = MaskVocabulary.from_model(hf_model, getattr(model, "tokenizer", None), self.mask_strategy,
-                                                     self.mask_token_id, replaces=self.draws_masks)
+        self._vocabulary = MaskVocabulary.from_model(hf_model, getattr(model, "tokenizer", None),
+                                                     self.options.mask_strategy, self.options.mask_token_id,
+                                                     replaces=self.draws_masks)
         self._impl = choose_loss_impl(self.loss_impl, hf_model, getattr(model, "model_forward_args", None))
 
     def _fit_start(self, state: State) -> None:
@@ -271,8 +274,8 @@ class ReMask(Algorithm):
         mask_prob = self.current_mask_prob(state) if self.draws_masks else 0.0
         state.batch, local = prepare_batch(  # checks the batch contract first (labels and their values)
             state.batch, self._vocabulary, mask_prob=mask_prob, layout=self.layout, seed=int(self._seed or 0),
-            batch_index=int(state.timestamp.batch), rationale_label_drop_prob=self.rationale_label_drop_prob,
-            answer_only_prob=self.answer_only_prob)
+            batch_index=int(state.timestamp.batch), rationale_label_drop_prob=self.options.rationale_label_drop_prob,
+            answer_only_prob=self.options.answer_only_prob)
         self._warn_if_label_rules_do_nothing(state.batch)
         self._counts = GlobalCounts.gather(local, state.device)
         self._prepared_rows = int(local[0])
@@ -292,11 +295,11 @@ class ReMask(Algorithm):
     def _warn_if_label_rules_do_nothing(self, batch: Mapping[str, Any]) -> None:
         if self._warned_no_roles or TOKEN_ROLES_KEY in batch:
             return
-        if self.rationale_label_drop_prob > 0 or self.answer_only_prob > 0:
+        drop, answer_only = self.options.rationale_label_drop_prob, self.options.answer_only_prob
+        if drop > 0 or answer_only > 0:
             self._warned_no_roles = True
             warnings.warn(
-                f"ReMask: rationale_label_drop_prob={self.rationale_label_drop_prob} and answer_only_prob="
-                f"{self.answer_only_prob} do nothing: the batches have no '{TOKEN_ROLES_KEY}', so no token is known "
+                f"ReMask: rationale_label_drop_prob={drop} and answer_only_prob={answer_only} do nothing: the batches have no '{TOKEN_ROLES_KEY}', so no token is known "
                 "to be rationale. Use composer_remask's MDS loader (composer_remask.data.dataset; in llm-foundry "
                 "train_loader: {name: remask_mds}) or a collator that sets token roles, or set both to 0 to silence "
                 "this.", stacklevel=2)
@@ -325,7 +328,8 @@ class ReMask(Algorithm):
 
     # ------------------------------------------------------------------------------- AFTER_FORWARD
 
-    def _microbatch_weight(self, microbatch: Mapping[str, Any]) -> float:
+    def _composer_weight(self, microbatch: Mapping[str, Any]) -> float:
+        """The weight Composer gives this microbatch's loss: declared, or read from the Trainer (``auto``)."""
         if self.loss_weighting == "auto":
             weight = composer_microbatch_weight()
             if weight is not None:
@@ -359,7 +363,7 @@ class ReMask(Algorithm):
         labels = full["labels"]
         batch_idx, pos_idx, targets, div_rows = predicted_positions(
             labels, full[DIVERGENCE_MASK_KEY] if self.two_pass else None)
-        scales = microbatch_scales(self._counts, self._microbatch_weight(full), dist.get_world_size())
+        scales = microbatch_scales(self._counts, self._composer_weight(full), dist.get_world_size())
         if scales.composer_weight <= 0 and targets.numel() > 0:
             raise ValueError(
                 f"ReMask: Composer gives this microbatch weight 0 (its DataSpec counts no loss-generating tokens) but it "
@@ -371,27 +375,17 @@ class ReMask(Algorithm):
         if self._impl == "hidden":
             captured = self._capture.take()
             self._capture.check_head_matches_logits(captured, model_logits)
-        inputs = gather_loss_rows(model_logits, captured, rows, labels.shape[1], batch_idx, pos_idx, self.two_pass,
-                                  want_metric_logits=bool(state.train_metrics))
+        loss_rows = gather_loss_rows(model_logits, captured, rows, labels.shape[1], batch_idx, pos_idx,
+                                     self.two_pass, want_metric_logits=bool(state.train_metrics))
         with get_precision_context(state.precision, state.precision_config):
-            total, sums = remask_loss_from_rows(
-                inputs.full, inputs.masked, targets, div_rows, divergence_weight=self.weight,
-                divergence=self.divergence, detach_full=self.detach_full, ce_scale=scales.ce,
-                div_scale=scales.divergence, head_weight=inputs.head_weight, head_bias=inputs.head_bias,
-                on_full_logits=inputs.on_full_logits, chunk_rows=self.chunk_rows)
+            loss = microbatch_loss(loss_rows, targets, div_rows, scales, self.options, self.chunk_rows)
         if self._impl == "hidden":
             # Route backward through the model's own output as well (its value is unchanged): FSDP
             # hooks the root module's outputs to start its backward bookkeeping there.
-            total = total + 0.0 * model_logits.float().sum()
-        # With one pass, its CE is the full sequence's, or the masked one's under masked_only.
-        single = "ce_masked" if self.layout == LAYOUT_MASKED_ONLY else "ce_full"
-        loss = {"total": total, single: sums.ce_full * scales.ce}
-        if self.two_pass:
-            loss["ce_masked"] = sums.ce_masked * scales.ce
-            loss["divergence"] = sums.divergence * scales.divergence
+            loss["total"] = loss["total"] + 0.0 * model_logits.float().sum()
         self._loss = loss
-        self._probe.arm(total, scales.composer_weight, scaled_copy=state.precision == Precision.AMP_FP16)
-        state.outputs = CausalLMOutputWithPast(loss=total, logits=inputs.metric_logits)
+        self._probe.arm(loss["total"], scales.composer_weight, scaled_copy=not loss_scaled_in_place(state.precision))
+        state.outputs = CausalLMOutputWithPast(loss=loss["total"], logits=loss_rows.metric_logits)
         state.batch = full
 
     # ------------------------------------------------------------------------------ safety nets

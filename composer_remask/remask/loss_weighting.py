@@ -9,28 +9,23 @@ ranks' gradients. ReMask's loss is a token mean over the whole global batch, so 
 hands Composer its token sums scaled by ``world_size / (c * global tokens)``: Composer's weight
 and DDP's average then cancel and every token counts ``1 / global tokens``, exactly.
 
-``c`` is read from the Trainer itself (the values Composer is about to use for this microbatch),
-so neither the weighting mode nor the DataSpec's counting function has to be known or configured.
-Where that is not possible, ``c`` is computed from a declared mode, and :class:`WeightingProbe`
-checks the declaration against what the Trainer really applied on the first microbatch.
+``c`` comes from a declared mode (``samples``, or ``tokens`` counted by ``batch_loss_tokens``:
+:func:`declared_microbatch_weight`; the project's recipes declare it), or, with ``auto``, is read
+from the running Trainer (``composer_remask._private_api.composer_microbatch_weight``).
+:class:`WeightingProbe` checks it against what the Trainer really applied on the first microbatch.
 """
 
 from __future__ import annotations
 
-import inspect
-import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-LOSS_WEIGHTINGS = ("auto", "samples", "tokens")
+from composer_remask._private_api import weight_applied_in_place
 
-# The Trainer method that applies the microbatch weight, and the locals it computes it from.
-_TRAINER_MICROBATCH_FRAME = "_train_microbatch"
-_MICROBATCH_SIZE, _BATCH_SIZE = "microbatch_size", "current_batch_size"
+LOSS_WEIGHTINGS = ("auto", "samples", "tokens")
 
 
 @dataclass(frozen=True)
@@ -53,43 +48,6 @@ class GlobalCounts:
             dist.all_reduce(reduced, reduce_operation="SUM")
             local = reduced.cpu()
         return cls(*(float(x) for x in local[:5]))
-
-
-def composer_microbatch_weight(max_depth: int = 32) -> float | None:
-    """The weight the running Composer Trainer will multiply this microbatch's loss by, if found.
-
-    Called from an algorithm while Composer trains a microbatch (``BEFORE_FORWARD`` ...
-    ``BEFORE_BACKWARD``): Composer has already computed ``microbatch_size`` and
-    ``current_batch_size`` in ``Trainer._train_microbatch``, from its own DataSpec and its own
-    ``accumulate_train_batch_on_tokens`` setting. Returns ``None`` outside such a call.
-    """
-    from composer import Trainer
-
-    frame = inspect.currentframe()
-    try:
-        for _ in range(max_depth):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return None
-            if frame.f_code.co_name != _TRAINER_MICROBATCH_FRAME:
-                continue
-            scope = frame.f_locals
-            if not isinstance(scope.get("self"), Trainer):
-                continue
-            size, total = _number(scope.get(_MICROBATCH_SIZE)), _number(scope.get(_BATCH_SIZE))
-            return size / total if size is not None and total is not None and total > 0 else None
-        return None
-    finally:
-        del frame
-
-
-def _number(value: Any) -> float | None:
-    """A count as Composer holds it: a Python or numpy number, or a one-element tensor (llm-foundry's)."""
-    if isinstance(value, torch.Tensor):
-        return float(value.item()) if value.numel() == 1 else None
-    if isinstance(value, (numbers.Real, np.integer, np.floating)) and not isinstance(value, bool):
-        return float(value)
-    return None
 
 
 def declared_microbatch_weight(loss_weighting: str, microbatch: Mapping[str, Any], counts: GlobalCounts,
@@ -128,9 +86,10 @@ def microbatch_scales(counts: GlobalCounts, composer_weight: float, world_size: 
 class WeightingProbe:
     """Checks, once, that Composer applied the microbatch weight the normalization assumed.
 
-    Composer scales ``state.loss['total']`` in place by its weight before backward, so the value
-    after backward divided by the value before is the weight it really used. Under a grad scaler
-    (``amp_fp16``) Composer scales a copy instead, so nothing can be measured: the probe stays off.
+    Composer scales the loss in place by its weight before backward, so the value after backward
+    divided by the value before is the weight it really used (``_private_api.weight_applied_in_place``).
+    Where Composer scales a copy instead (``scaled_copy``: its grad scaler under ``amp_fp16``),
+    nothing can be measured and the probe stays off.
     """
 
     def __init__(self) -> None:
@@ -153,7 +112,7 @@ class WeightingProbe:
         self._armed = None
         if before == 0.0:
             return None
-        applied = float(total.detach()) / before
+        applied = weight_applied_in_place(total, before)
         self.confirmed = True
         return applied, expected
 

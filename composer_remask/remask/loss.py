@@ -1,16 +1,17 @@
 """The ReMask loss: both cross-entropies and the divergence, computed lean and in fp32.
 
 ``0.5 * (CE(masked) + CE(full)) + divergence_weight * D(p_full, p_masked)``, averaged over
-predicted tokens.
+predicted tokens; ``D`` is a row of :mod:`composer_remask.remask.divergences`.
 
 The loss only ever looks at predicted positions. They are gathered first, then processed in
 chunks: each chunk is projected through the output layer (when given hidden states), upcast to
 fp32, and its loss and gradients are computed at once. Backward then only scales the stored
 gradients, so no full-size logits tensor, fp32 or otherwise, lives until the backward pass.
 
-Divergences live in one registry, ``DIVERGENCE_SPECS``: a new divergence is one per-token function
-of the two rows of log-probabilities plus one row there. A closed-form logit gradient is optional;
-without one, the logits' gradient comes from autograd, block of rows by block of rows.
+Each value has one name here: ``divergence_weight`` (``ReMask(weight=...)``), the normalization
+multipliers ``ce_scale`` / ``div_scale`` of the token sums (:mod:`composer_remask.remask.loss_weighting`),
+and their products, the coefficients ``ce_coef`` (of each CE sum) and ``divergence_coef`` (of the
+divergence sum) in the total; ``row_coef`` is the divergence coefficient of each row.
 
 Correctness is pinned by ``reference_loss`` in ``tests/helpers/reference_loss.py`` (the textbook formulas in
 float64 on full tensors, no chunking and no gathering) and end to end, through a Trainer step, by
@@ -21,14 +22,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from composer_remask.batch import IGNORE_INDEX
-from composer_remask.numbers import finite_number
+from composer_remask.checks import finite_number
+from composer_remask.remask.divergences import DivergenceSpec, LogitGrad, divergence_spec
 
 # Rows per chunk are chosen so the chunk's logits (both passes) hold about this many elements; the
 # elementwise work then runs on blocks of about _BLOCK_ELEMENTS, which stay in a CPU core's cache.
@@ -44,108 +47,37 @@ class LossSums(NamedTuple):
     divergence: torch.Tensor
 
 
-class LogitGrad(NamedTuple):
-    """One pass's divergence gradient in closed form, per row (``None`` = zero).
+class _BlockTerms(NamedTuple):
+    """What a block's gradient is formed from: the divergence and both coefficients, of order one."""
 
-    With ``d = log p_full - log p_masked`` elementwise, the gradient of the divergence with respect
-    to this pass's logits is ``p_self * (log_ratio_scale * d + offset) + cross * p_other``.
-    """
-
-    log_ratio_scale: torch.Tensor | None
-    offset: torch.Tensor | None
-    cross: torch.Tensor | None
+    spec: DivergenceSpec
+    detach_full: bool
+    ce_coef: float
+    divergence_coef: float
 
 
-class ClosedForm(NamedTuple):
-    """A divergence's per-token values and its logit gradients for both passes."""
+@dataclass(frozen=True)
+class _ChunkPlan:
+    """Everything one call of the chunked loss needs besides the differentiable rows."""
 
-    per_token: torch.Tensor
-    grad_full: LogitGrad
-    grad_masked: LogitGrad
+    targets: torch.Tensor  # per row: the next token, -100 where only the divergence applies
+    div_rows: torch.Tensor  # per row: whether the divergence covers it
+    ce_coef: float
+    divergence_coef: float
+    spec: DivergenceSpec
+    detach_full: bool
+    chunk_rows: int
+    on_full_logits: Callable[[int, int, torch.Tensor], None] | None
 
+    @property
+    def normalizer(self) -> float:
+        """Chunk gradients are formed with coefficients of order one and this is applied to the fp32
+        accumulators, so fp16 matmuls do not underflow on 1/(tokens in the batch)."""
+        return max(self.ce_coef, self.divergence_coef) or 1.0
 
-# A closed form receives kl_fm = sum p_full d, kl_mf = -sum p_masked d (per row) and the per-row
-# weight w of the divergence, and returns the values and the gradients of w * divergence.
-ClosedFormFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], ClosedForm]
-
-
-class DivergenceSpec(NamedTuple):
-    """One divergence: its per-token value and, where one exists, its closed-form gradient."""
-
-    per_token: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    closed_form: ClosedFormFn | None = None
-
-
-def _forward_kl(logp_full: torch.Tensor, logp_masked: torch.Tensor) -> torch.Tensor:
-    return (logp_full.exp() * (logp_full - logp_masked)).sum(-1)
-
-
-def _reverse_kl(logp_full: torch.Tensor, logp_masked: torch.Tensor) -> torch.Tensor:
-    return (logp_masked.exp() * (logp_masked - logp_full)).sum(-1)
-
-
-def _sym_kl(logp_full: torch.Tensor, logp_masked: torch.Tensor) -> torch.Tensor:
-    return 0.5 * ((logp_full.exp() - logp_masked.exp()) * (logp_full - logp_masked)).sum(-1)
-
-
-def _js(logp_full: torch.Tensor, logp_masked: torch.Tensor) -> torch.Tensor:
-    logp_mix = torch.logaddexp(logp_full, logp_masked) - math.log(2.0)
-    return 0.5 * ((logp_full.exp() * (logp_full - logp_mix)).sum(-1)
-                  + (logp_masked.exp() * (logp_masked - logp_mix)).sum(-1))
-
-
-def _mse(logp_full: torch.Tensor, logp_masked: torch.Tensor) -> torch.Tensor:
-    return (logp_full - logp_masked).pow(2).mean(-1)
-
-
-# d KL_fm / d full = p_full (d - KL_fm)     d KL_fm / d masked = p_masked - p_full
-# d KL_mf / d full = p_full - p_masked      d KL_mf / d masked = -p_masked (d + KL_mf)
-
-
-def _forward_kl_closed_form(kl_fm: torch.Tensor, kl_mf: torch.Tensor, w: torch.Tensor) -> ClosedForm:
-    return ClosedForm(kl_fm, LogitGrad(w, -w * kl_fm, None), LogitGrad(None, w, -w))
-
-
-def _reverse_kl_closed_form(kl_fm: torch.Tensor, kl_mf: torch.Tensor, w: torch.Tensor) -> ClosedForm:
-    return ClosedForm(kl_mf, LogitGrad(None, w, -w), LogitGrad(-w, -w * kl_mf, None))
-
-
-def _sym_kl_closed_form(kl_fm: torch.Tensor, kl_mf: torch.Tensor, w: torch.Tensor) -> ClosedForm:
-    half = 0.5 * w
-    return ClosedForm(0.5 * (kl_fm + kl_mf), LogitGrad(half, half * (1 - kl_fm), -half),
-                      LogitGrad(-half, half * (1 - kl_mf), -half))
-
-
-DIVERGENCE_SPECS: dict[str, DivergenceSpec] = {
-    # sym_kl: the mean of the forward and the reverse KL (the card's choice).
-    "sym_kl": DivergenceSpec(_sym_kl, _sym_kl_closed_form),
-    # forward_kl: KL(p_full || p_masked).
-    "forward_kl": DivergenceSpec(_forward_kl, _forward_kl_closed_form),
-    # reverse_kl: KL(p_masked || p_full).
-    "reverse_kl": DivergenceSpec(_reverse_kl, _reverse_kl_closed_form),
-    # js: Jensen-Shannon.
-    "js": DivergenceSpec(_js),
-    # mse: the mean squared difference of the log-probabilities over the vocabulary.
-    "mse": DivergenceSpec(_mse),
-}
-DIVERGENCES = tuple(DIVERGENCE_SPECS)
-
-
-def _spec(divergence: str) -> DivergenceSpec:
-    try:
-        return DIVERGENCE_SPECS[divergence]
-    except KeyError:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}") from None
-
-
-def token_divergence(logp_full: torch.Tensor, logp_masked: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-token divergence between two rows of log-probabilities (last dim = vocabulary).
-
-    ``kind`` names a row of ``DIVERGENCE_SPECS``: ``forward_kl`` = KL(p_full || p_masked),
-    ``reverse_kl`` = KL(p_masked || p_full), ``sym_kl`` their mean, ``js`` Jensen-Shannon,
-    ``mse`` the mean squared difference of the log-probabilities over the vocabulary.
-    """
-    return _spec(kind).per_token(logp_full, logp_masked)
+    def block_terms(self) -> _BlockTerms:
+        norm = self.normalizer
+        return _BlockTerms(self.spec, self.detach_full, self.ce_coef / norm, self.divergence_coef / norm)
 
 
 def _subtract_at_targets(grad: torch.Tensor, targets: torch.Tensor, amount: float) -> None:
@@ -188,8 +120,9 @@ def _write_pass_grad(out: torch.Tensor, grad: torch.Tensor, cross: torch.Tensor 
         torch.addcmul(grad, p_other, cross.unsqueeze(-1), out=out)
 
 
-def _closed_form_block(logits, out, two_pass, targets, div_rows, spec, detach_full, ce_coef, div_coef, work):
-    """One block's sums; writes its logit gradient into ``out`` (CE's and the divergence's closed forms).
+def _closed_form_block(logits: torch.Tensor, two_pass: bool, targets: torch.Tensor, div_rows: torch.Tensor,
+                       terms: _BlockTerms, work: _Workspace) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One block's sums; overwrites ``logits`` with their gradient (CE's and the divergence's closed forms).
 
     Rows interleave the passes (full, masked, full, ...). The block is small enough to stay in cache
     across the dozen elementwise passes: log-softmax, exp, the log-ratio d, the row dot products,
@@ -197,15 +130,15 @@ def _closed_form_block(logits, out, two_pass, targets, div_rows, spec, detach_fu
     """
     passes = 2 if two_pass else 1
     valid = targets != IGNORE_INDEX
-    ce_rows = ce_coef * valid.float()  # rows without a target get no CE gradient
+    ce_rows = terms.ce_coef * valid.float()  # rows without a target get no CE gradient
     row_targets = targets.repeat_interleave(passes) if two_pass else targets
     logp = torch.log_softmax(logits, -1, dtype=torch.float32, out=work.get("logp", logits.shape[0], torch.float32))
     target_logp = logp.gather(-1, row_targets.clamp(min=0).unsqueeze(-1)).view(-1, passes)
     ce = -(target_logp * valid.unsqueeze(-1)).sum(0)
     if not two_pass:
         grad = logp.exp_().mul_(ce_rows.unsqueeze(-1))
-        _subtract_at_targets(grad, targets, ce_coef)
-        out.copy_(grad)
+        _subtract_at_targets(grad, targets, terms.ce_coef)
+        logits.copy_(grad)
         return ce, None
     rows, vocab = targets.shape[0], logits.shape[-1]
     probs = torch.exp(logp, out=work.get("probs", logits.shape[0], torch.float32))
@@ -213,23 +146,25 @@ def _closed_form_block(logits, out, two_pass, targets, div_rows, spec, detach_fu
     p_full, p_masked = prob_pairs[:, 0], prob_pairs[:, 1]
     log_ratio = torch.sub(logp_pairs[:, 0], logp_pairs[:, 1], out=logp_pairs[:, 0])  # d = log p_full - log p_masked
     dots = torch.bmm(prob_pairs, log_ratio.unsqueeze(-1)).view(rows, 2)  # sum p_full d, sum p_masked d
-    closed = spec.closed_form(dots[:, 0], -dots[:, 1], div_coef * div_rows.float())
+    closed = terms.spec.closed_form(dots[:, 0], -dots[:, 1], terms.divergence_coef * div_rows.float())
     # The gradient overwrites the log-probabilities: the masked rows first, as they read d from the full rows.
     grad_full, grad_masked = logp_pairs[:, 0], logp_pairs[:, 1]
     _fill_divergence_factor(grad_masked, closed.grad_masked, log_ratio, ce_rows)
-    if detach_full:  # the divergence does not train the full pass
+    if terms.detach_full:  # the divergence does not train the full pass
         grad_full.copy_(ce_rows.unsqueeze(-1).expand_as(grad_full))
     else:
         _fill_divergence_factor(grad_full, closed.grad_full, log_ratio, ce_rows)
     grad = logp.mul_(probs)
-    _subtract_at_targets(grad, row_targets, ce_coef)
-    out_pairs = out.view(rows, 2, vocab)
-    _write_pass_grad(out_pairs[:, 0], grad_full, None if detach_full else closed.grad_full.cross, p_masked)
+    _subtract_at_targets(grad, row_targets, terms.ce_coef)
+    out_pairs = logits.view(rows, 2, vocab)
+    _write_pass_grad(out_pairs[:, 0], grad_full, None if terms.detach_full else closed.grad_full.cross, p_masked)
     _write_pass_grad(out_pairs[:, 1], grad_masked, closed.grad_masked.cross, p_full)
     return ce, (closed.per_token * div_rows).sum()
 
 
-def _chunk_sums(logits_full, logits_masked, targets, div_rows, spec, detach_full):
+def _chunk_sums(logits_full: torch.Tensor, logits_masked: torch.Tensor, targets: torch.Tensor,
+                div_rows: torch.Tensor, spec: DivergenceSpec,
+                detach_full: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sums over rows: CE(full), CE(masked), divergence (fp32, differentiable)."""
     logp_full = torch.log_softmax(logits_full.float(), dim=-1)
     ce_full = F.nll_loss(logp_full, targets, ignore_index=IGNORE_INDEX, reduction="sum")
@@ -240,30 +175,115 @@ def _chunk_sums(logits_full, logits_masked, targets, div_rows, spec, detach_full
     return ce_full, ce_masked, div
 
 
-def _autograd_block(logits, out, two_pass, targets, div_rows, spec, detach_full, ce_coef, div_coef, work):
-    """One block's sums and logit gradient by autograd, for divergences without a closed form."""
+def _autograd_block(logits: torch.Tensor, two_pass: bool, targets: torch.Tensor, div_rows: torch.Tensor,
+                    terms: _BlockTerms, work: _Workspace) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block's sums, ``logits`` overwritten by their gradient by autograd (divergences without a
+    closed form)."""
     with torch.enable_grad():
         stacked = logits.detach().float().requires_grad_()
         pairs = stacked.view(targets.shape[0], 2, -1)
-        ce_full, ce_masked, div = _chunk_sums(pairs[:, 0], pairs[:, 1], targets, div_rows, spec, detach_full)
-        (grad,) = torch.autograd.grad(ce_coef * (ce_full + ce_masked) + div_coef * div, [stacked])
-    out.copy_(grad)
+        ce_full, ce_masked, div = _chunk_sums(pairs[:, 0], pairs[:, 1], targets, div_rows, terms.spec,
+                                              terms.detach_full)
+        (grad,) = torch.autograd.grad(terms.ce_coef * (ce_full + ce_masked) + terms.divergence_coef * div, [stacked])
+    logits.copy_(grad)
     return torch.stack([ce_full.detach(), ce_masked.detach()]), div.detach()
 
 
-def _compute_dtype(head_weight: torch.Tensor) -> torch.dtype:
-    """The dtype the output layer's products run in: autocast's when it is on, else the weight's."""
+class _OutputLayer(NamedTuple):
+    """The output layer as the chunk products use it (``weight`` is ``None`` when rows are logits)."""
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    compute_dtype: torch.dtype
+    vocab: int
+
+
+def _output_layer(head_weight: torch.Tensor | None, head_bias: torch.Tensor | None,
+                  rows_full: torch.Tensor) -> _OutputLayer:
+    """One cast of the output layer per call (autocast would cast it again for every product), in
+    autocast's dtype when it is on, else the weight's."""
+    if head_weight is None:
+        return _OutputLayer(None, None, torch.float32, rows_full.shape[-1])
     device_type = head_weight.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return head_weight.dtype
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) \
+        else head_weight.dtype
+    weight = head_weight.detach().to(compute_dtype)
+    bias = None if head_bias is None else head_bias.detach().to(compute_dtype)
+    return _OutputLayer(weight, bias, compute_dtype, weight.shape[0])
+
+
+class _InputGrads:
+    """fp32 gradients of ``(rows_full, rows_masked, head_weight, head_bias)``, ``None`` where not needed."""
+
+    def __init__(self, inputs: tuple[torch.Tensor | None, ...], compute_dtype: torch.dtype) -> None:
+        self.needs = [t is not None and t.requires_grad for t in inputs]
+        device = inputs[0].device
+        # The first chunk writes the output weight's gradient (no zero fill); accumulated after that.
+        self.first_chunk_writes_weight = self.needs[2] and compute_dtype == torch.float32 and inputs[0].shape[0] > 0
+        self.buffers = [
+            None if not need else (torch.empty if i == 2 and self.first_chunk_writes_weight else torch.zeros)(
+                t.shape, dtype=torch.float32, device=device) for i, (t, need) in enumerate(zip(inputs, self.needs))]
+
+    def add_chunk(self, grad: torch.Tensor, hidden: torch.Tensor | None, head: _OutputLayer, passes: int,
+                  start: int, end: int) -> None:
+        """Add one chunk's contribution, ``grad`` being the logits' gradient in the products' dtype."""
+        needs, grads, rows = self.needs, self.buffers, end - start
+        if head.weight is None:  # rows are the logits themselves
+            for i in range(passes):
+                if needs[i]:
+                    grads[i][start:end] = grad.view(rows, passes, head.vocab)[:, i]
+            return
+        if needs[3]:
+            grads[3] += grad.sum(0, dtype=torch.float32)
+        _hidden_grads(grad, head.weight, rows, passes, needs, grads, start, end)
+        if needs[2]:
+            if self.first_chunk_writes_weight and start == 0:
+                torch.mm(grad.t(), hidden, out=grads[2])
+            elif head.compute_dtype == torch.float32:
+                grads[2].addmm_(grad.t(), hidden)
+            else:  # no mixed-dtype addmm_: the low-precision product, added in fp32
+                grads[2] += grad.t() @ hidden
+
+
+def _chunk_logits(parts: list[torch.Tensor], head: _OutputLayer,
+                  work: _Workspace) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The chunk's logits, full and masked rows interleaved, and the interleaved hidden rows (if any)."""
+    passes, rows = len(parts), parts[0].shape[0]
+    logits = work.get("logits", passes * rows, head.compute_dtype)
+    if head.weight is None:
+        for i, part in enumerate(parts):
+            logits.view(rows, passes, head.vocab)[:, i].copy_(part)
+        return logits, None
+    hidden = torch.stack(parts, dim=1).view(passes * rows, -1).to(head.compute_dtype)
+    if head.bias is None:
+        torch.mm(hidden, head.weight.t(), out=logits)
+    else:
+        torch.addmm(head.bias, hidden, head.weight.t(), out=logits)
+    return logits, hidden
+
+
+def _chunk_logit_grads(logits: torch.Tensor, plan: _ChunkPlan, start: int, end: int, block_rows: int,
+                       sums: torch.Tensor, work: _Workspace) -> None:
+    """Overwrite a chunk's logits with their gradient, block by cache-sized block; add the block sums."""
+    passes = logits.shape[0] // (end - start)
+    two_pass = passes == 2
+    terms = plan.block_terms()
+    block_grads = _closed_form_block if terms.spec.closed_form is not None or not two_pass else _autograd_block
+    for block in range(0, end - start, block_rows):
+        block_end = min(block + block_rows, end - start)
+        ce, div = block_grads(logits[passes * block:passes * block_end], two_pass,
+                              plan.targets[start + block:start + block_end],
+                              plan.div_rows[start + block:start + block_end], terms, work)
+        sums[:passes] += ce
+        if div is not None:
+            sums[2] += div
 
 
 class _ChunkedRemaskLoss(torch.autograd.Function):
     """Loss and its gradient, chunk by chunk, from gathered rows of hidden states or logits.
 
     Forward returns ``(total, ce_full_sum, ce_masked_sum, div_sum)`` with the sums unscaled and not
-    differentiable, and ``total = ce_scale * 0.5 * (ce sums) + div_scale * div`` (``ce_scale *
+    differentiable, and ``total = ce_coef * (ce sums) + divergence_coef * div`` (``ce_coef *
     ce_full`` when there is no masked pass). A chunk interleaves its full and masked rows, so each
     product runs once over both: the logits, the hidden rows' gradient, and the output weight's
     gradient, accumulated in place in one fp32 buffer. The logits buffer is then overwritten, block
@@ -271,94 +291,36 @@ class _ChunkedRemaskLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows_full, rows_masked, head_weight, head_bias, targets, div_rows, ce_scale, div_scale,
-                spec, detach_full, chunk_rows, on_full_logits):
-        two_pass = rows_masked is not None
-        passes = 2 if two_pass else 1
-        ce_coef = ce_scale * (0.5 if two_pass else 1.0)
-        # Chunk gradients are formed with coefficients of order one and the scale is applied to the
-        # fp32 accumulators, so fp16 matmuls do not underflow on 1/(tokens in the batch).
-        norm = max(ce_coef, div_scale) or 1.0
-        block_grads = _closed_form_block if spec.closed_form is not None or not two_pass else _autograd_block
+    def forward(ctx: Any, rows_full: torch.Tensor, rows_masked: torch.Tensor | None,
+                head_weight: torch.Tensor | None, head_bias: torch.Tensor | None,
+                plan: _ChunkPlan) -> tuple[torch.Tensor, ...]:
         inputs = (rows_full, rows_masked, head_weight, head_bias)
-        needs = [t is not None and t.requires_grad for t in inputs]
-        n_rows, device = rows_full.shape[0], rows_full.device
-        if head_weight is not None:
-            compute_dtype = _compute_dtype(head_weight)
-            # One cast of the output layer per call; autocast would cast it again for every product.
-            weight = head_weight.detach().to(compute_dtype)
-            bias = None if head_bias is None else head_bias.detach().to(compute_dtype)
-            vocab = weight.shape[0]
-        else:
-            compute_dtype, vocab = torch.float32, rows_full.shape[-1]
-        # The first chunk writes the output weight's gradient (no zero fill); accumulated after that.
-        write_weight_grad = needs[2] and compute_dtype == torch.float32 and n_rows > 0
-        grads = [None if not need else (torch.empty if i == 2 and write_weight_grad else torch.zeros)(
-            t.shape, dtype=torch.float32, device=device) for i, (t, need) in enumerate(zip(inputs, needs))]
-        block_rows = _block_rows_for(vocab, min(chunk_rows, n_rows), device, passes)
-        work = _Workspace(vocab, device)
+        head = _output_layer(head_weight, head_bias, rows_full)
+        grads = _InputGrads(inputs, head.compute_dtype)
+        parts = [rows for rows in (rows_full, rows_masked) if rows is not None]
+        passes, n_rows, device = len(parts), rows_full.shape[0], rows_full.device
+        block_rows = _block_rows_for(head.vocab, min(plan.chunk_rows, n_rows), device, passes)
+        work = _Workspace(head.vocab, device)
         sums = torch.zeros(3, dtype=torch.float32, device=device)
         with torch.autocast(device.type, enabled=False):  # every dtype below is explicit
-            for start in range(0, n_rows, chunk_rows):
-                end = min(start + chunk_rows, n_rows)
-                rows = end - start
-                parts = [rows_full[start:end], rows_masked[start:end]] if two_pass else [rows_full[start:end]]
-                logits = work.get("logits", passes * rows, compute_dtype)
-                if head_weight is None:
-                    for i, part in enumerate(parts):
-                        logits.view(rows, passes, vocab)[:, i].copy_(part)
-                else:
-                    hidden = torch.stack(parts, dim=1).view(passes * rows, -1).to(compute_dtype)
-                    if bias is None:
-                        torch.mm(hidden, weight.t(), out=logits)
-                    else:
-                        torch.addmm(bias, hidden, weight.t(), out=logits)
-                if on_full_logits is not None:
-                    on_full_logits(start, end, logits.view(rows, passes, vocab)[:, 0])
-                for block in range(0, rows, block_rows):
-                    block_end = min(block + block_rows, rows)
-                    logits_block = logits[passes * block:passes * block_end]
-                    ce, div = block_grads(
-                        logits_block, logits_block, two_pass, targets[start + block:start + block_end],
-                        div_rows[start + block:start + block_end], spec, detach_full, ce_coef / norm,
-                        div_scale / norm, work)
-                    sums[:passes] += ce
-                    if div is not None:
-                        sums[2] += div
-                grad = logits  # the logits' gradient, in the products' dtype
-                if head_weight is None:  # rows are the logits themselves
-                    for i in range(passes):
-                        if needs[i]:
-                            grads[i][start:end] = grad.view(rows, passes, vocab)[:, i]
-                    continue
-                if needs[3]:
-                    grads[3] += grad.sum(0, dtype=torch.float32)
-                _hidden_grads(grad, weight, rows, passes, needs, grads, start, end)
-                if needs[2]:
-                    if write_weight_grad and start == 0:
-                        torch.mm(grad.t(), hidden, out=grads[2])
-                    elif compute_dtype == torch.float32:
-                        grads[2].addmm_(grad.t(), hidden)
-                    else:  # no mixed-dtype addmm_: the low-precision product, added in fp32
-                        grads[2] += grad.t() @ hidden
-        total = ce_coef * (sums[0] + sums[1]) + div_scale * sums[2] if two_pass else ce_coef * sums[0]
-        # Gradients kept in fp32 are scaled by ``norm`` in backward, in the same pass as its factor.
-        # The others go to the inputs' dtypes now (no fp32 copy of a bf16 output layer); fp16 stays
-        # fp32, as its range cannot hold them before backward multiplies in the grad scaler's factor.
-        ctx.grads, ctx.pending_scale = [], []
-        for g, t in zip(grads, inputs):
-            if g is not None and t.dtype not in (torch.float32, torch.float16):
-                g = g.mul_(norm).to(t.dtype)
-            ctx.grads.append(g)
-            ctx.pending_scale.append(1.0 if g is None or g.dtype != torch.float32 else norm)
-        ctx.input_dtypes = [None if t is None else t.dtype for t in inputs]
+            for start in range(0, n_rows, plan.chunk_rows):
+                end = min(start + plan.chunk_rows, n_rows)
+                logits, hidden = _chunk_logits([part[start:end] for part in parts], head, work)
+                if plan.on_full_logits is not None:
+                    plan.on_full_logits(start, end, logits.view(end - start, passes, head.vocab)[:, 0])
+                _chunk_logit_grads(logits, plan, start, end, block_rows, sums, work)
+                grads.add_chunk(logits, hidden, head, passes, start, end)
+        two_pass = passes == 2
+        total = plan.ce_coef * (sums[0] + sums[1]) + plan.divergence_coef * sums[2] if two_pass \
+            else plan.ce_coef * sums[0]
+        _keep_for_backward(ctx, grads.buffers, inputs, plan.normalizer)
         sums = sums.unbind()
         ctx.mark_non_differentiable(*sums)
         return (total, *sums)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_total, *_grad_sums):
+    def backward(ctx: Any, grad_total: torch.Tensor, *_grad_sums: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grads, ctx.grads = ctx.grads, None
         if grads is None:
             raise RuntimeError("the ReMask loss stores its gradients for one backward pass; "
@@ -366,10 +328,26 @@ class _ChunkedRemaskLoss(torch.autograd.Function):
         # Scaled in place: no second copy of the output layer's gradient.
         grads = [None if g is None else g.mul_((grad_total * scale).to(g.dtype)).to(dtype)
                  for g, scale, dtype in zip(grads, ctx.pending_scale, ctx.input_dtypes)]
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None)
 
 
-def _hidden_grads(grad, weight, rows, passes, needs, grads, start, end) -> None:
+def _keep_for_backward(ctx: Any, grads: list[torch.Tensor | None], inputs: tuple[torch.Tensor | None, ...],
+                       norm: float) -> None:
+    """Store the gradients for backward: those kept in fp32 are scaled by ``norm`` there, in the same
+    pass as backward's factor. The others go to the inputs' dtypes now (no fp32 copy of a bf16 output
+    layer); fp16 stays fp32, as its range cannot hold them before backward multiplies in the grad
+    scaler's factor."""
+    ctx.grads, ctx.pending_scale = [], []
+    for g, t in zip(grads, inputs):
+        if g is not None and t.dtype not in (torch.float32, torch.float16):
+            g = g.mul_(norm).to(t.dtype)
+        ctx.grads.append(g)
+        ctx.pending_scale.append(1.0 if g is None or g.dtype != torch.float32 else norm)
+    ctx.input_dtypes = [None if t is None else t.dtype for t in inputs]
+
+
+def _hidden_grads(grad: torch.Tensor, weight: torch.Tensor, rows: int, passes: int, needs: list[bool],
+                  grads: list[torch.Tensor | None], start: int, end: int) -> None:
     """Gradients of the hidden rows: one product over the interleaved passes when all need one."""
     wanted = [i for i in range(passes) if needs[i]]
     if len(wanted) == passes:
@@ -432,20 +410,23 @@ def remask_loss_from_rows(
 ) -> tuple[torch.Tensor, LossSums]:
     """Core entry point: rows are logits, or hidden states when ``head_weight`` is given.
 
-    ``head_weight`` / ``head_bias`` are the output layer's (vocab x hidden) weight and bias.
+    ``head_weight`` / ``head_bias`` are the output layer's (vocab x hidden) weight and bias;
+    ``ce_scale`` and ``div_scale`` multiply the CE and divergence token sums (the normalization).
     Returns ``(total, sums)``: the differentiable scaled total
     ``ce_scale * 0.5 * (ce_full + ce_masked) + div_scale * divergence_weight * divergence``
     (``ce_scale * ce_full`` without a masked pass) and the detached, unscaled ``LossSums``.
     ``on_full_logits(start, end, logits)`` receives each chunk's full-pass logits (for metrics) in
     the products' dtype; the view is reused for the gradient afterwards, so copy what you keep.
     """
-    spec = _spec(divergence)
+    spec = divergence_spec(divergence)
     vocab = head_weight.shape[0] if head_weight is not None else rows_full.shape[-1]
     passes = 1 if rows_masked is None else 2
-    chunk = chunk_rows or _chunk_rows_for(vocab, rows_full.shape[0], rows_full.device, passes)
-    total, *sums = _ChunkedRemaskLoss.apply(
-        rows_full, rows_masked, head_weight, head_bias, targets, div_rows,
-        float(ce_scale), float(div_scale) * float(divergence_weight), spec, detach_full, chunk, on_full_logits)
+    plan = _ChunkPlan(
+        targets, div_rows, ce_coef=float(ce_scale) * (0.5 if passes == 2 else 1.0),
+        divergence_coef=float(div_scale) * float(divergence_weight), spec=spec, detach_full=detach_full,
+        chunk_rows=chunk_rows or _chunk_rows_for(vocab, rows_full.shape[0], rows_full.device, passes),
+        on_full_logits=on_full_logits)
+    total, *sums = _ChunkedRemaskLoss.apply(rows_full, rows_masked, head_weight, head_bias, plan)
     return total, LossSums(*sums)
 
 
@@ -478,13 +459,13 @@ def remask_loss(
                          f"{tuple(logits_masked.shape)} must have the same shape")
     if logits_full.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits_full.shape)} do not match labels {tuple(labels.shape)}")
-    weight = finite_number(weight, "remask_loss: weight", low=0.0)
+    divergence_weight = finite_number(weight, "remask_loss: weight", low=0.0)
     batch_idx, pos_idx, targets, div_rows = predicted_positions(labels, divergence_mask)
     n_ce = max(int((targets != IGNORE_INDEX).sum()), 1)
     n_div = max(int(div_rows.sum()), 1)
     total, sums = remask_loss_from_rows(
         logits_full[batch_idx, pos_idx], logits_masked[batch_idx, pos_idx], targets, div_rows,
-        divergence_weight=weight, divergence=divergence, detach_full=detach_full,
+        divergence_weight=divergence_weight, divergence=divergence, detach_full=detach_full,
         ce_scale=1.0 / n_ce, div_scale=1.0 / n_div)
     return {
         "total": total,

@@ -1,0 +1,36 @@
+"""``remask_step_loss`` (ReMask as a function) gives what ReMask logs inside a Trainer."""
+
+from __future__ import annotations
+
+import pytest
+
+from composer_remask import ReMask, remask_step_loss
+from tests.helpers.synthetic import CoTDataset, collate
+from tests.helpers.training import build_model, logged, run
+
+ARGUMENTS = dict(mask_prob=0.5, weight=0.7, rationale_label_drop_prob=0.3, answer_only_prob=0.3)
+
+
+@pytest.mark.parametrize("microbatch", [4, 2])
+@pytest.mark.parametrize("extra", [{}, {"divergence": "js", "detach_full": True}, {"mask_prob": 0.0},
+                                   {"weight": 0.0, "masked_only": True, "mask_strategy": "random"}])
+def test_the_function_gives_what_the_algorithm_logs(tiny_tokenizer, microbatch, extra):
+    arguments = {**ARGUMENTS, **extra}
+    _, _, logger = run(tiny_tokenizer, [ReMask(seed=21, **arguments)], microbatch=microbatch, n=4)
+    model = build_model(tiny_tokenizer).model.train()
+    batch = collate([CoTDataset(tiny_tokenizer, 4)[i] for i in range(4)])
+    loss = remask_step_loss(model, batch, tokenizer=tiny_tokenizer, seed=21, batch_index=0, **arguments)
+    for key, value in loss.items():
+        assert logged(logger, f"loss/train/{key}")[0] == pytest.approx(value.item(), abs=1e-5), key
+    assert set(loss) == {key.removeprefix("loss/train/") for key in logger.data if key.startswith("loss/train/")}
+    loss["total"].backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_the_function_checks_its_arguments_as_remask_does(tiny_tokenizer):
+    batch = collate([CoTDataset(tiny_tokenizer, 2)[i] for i in range(2)])
+    model = build_model(tiny_tokenizer).model
+    for arguments, match in (({"mask_prob": 1.5}, "mask_prob"), ({"divergence": "kl"}, "divergence"),
+                             ({"mask_strategy": "zero"}, "mask_strategy"), ({"masked_only": True}, "weight=0")):
+        with pytest.raises(ValueError, match=match):
+            remask_step_loss(model, batch, tokenizer=tiny_tokenizer, **arguments)
