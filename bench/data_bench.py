@@ -20,24 +20,22 @@ import json
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from composer_remask.data.fixtures import (  # noqa: E402
+from composer_remask.data.formats import example_segments, render_text
+from composer_remask.data.sources import SourceSpec, open_records, parse_record
+from composer_remask.data.tokenizer import load_tokenizer
+from composer_remask.data.writer import build_corpus
+from composer_remask.tools.fixtures import (
     oasst2_rows,
     reddit_rows,
     tinycot_rows,
     write_jsonl,
 )
-from composer_remask.data.formats import example_segments, render_text  # noqa: E402
-from composer_remask.data.sources import SourceSpec, open_records, parse_record  # noqa: E402
-from composer_remask.data.tokenizer import load_tokenizer  # noqa: E402
-from composer_remask.data.writer import build_corpus  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def rendered_texts(specs: list[SourceSpec], eos_token: str) -> list[str]:

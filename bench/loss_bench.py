@@ -37,18 +37,15 @@ import os
 import platform
 import re
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from composer_remask.remask.divergences import token_divergence  # noqa: E402
-from composer_remask.remask.loss import remask_loss_from_rows  # noqa: E402
+from composer_remask.remask.divergences import token_divergence
+from composer_remask.remask.loss import remask_loss_from_rows
 
 DIVERGENCE_WEIGHT = 0.1
 DEFAULT_SCALING = ((256, 32768), (2048, 32768), (512, 65536), (1024, 65536), (256, 131072), (256, 262144))

@@ -13,11 +13,12 @@ positions. One model, one batch, one ``composer.Trainer``; the methods take turn
 alike. Peak memory: on CUDA from the allocator, in the same run; on the CPU each method runs in a
 child process with a fixed mmap threshold, so resident memory tracks live tensors.
 
-    python bench/step_bench.py                       # CPU, StableLM-shaped, vocab 50304, seq 256
-    python bench/step_bench.py --device cuda --model 3b --batch 16 [--fsdp]
+    python -m bench.step_bench                       # CPU, StableLM-shaped, vocab 50304, seq 256
+    python -m bench.step_bench --device cuda --model 3b --batch 16 [--fsdp]
 
-``--model 3b`` is StableLM-3B-4e1t's architecture from the config shipped in
-``composer_remask/configs`` (random weights, nothing downloaded). The last line printed is one
+(from the repository root: the bench imports ``bench.naive_remask``). ``--model 3b`` is
+StableLM-3B-4e1t's architecture from the config in ``bench/model_configs`` (random weights,
+nothing downloaded). The last line printed is one
 JSON object (ratios, medians, memory, tokens/s, MFU, device, shapes); ``--json PATH`` also writes it.
 """
 
@@ -33,22 +34,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from composer import Trainer
+from composer.callbacks.speed_monitor import get_gpu_flops_available
+from composer.core import Algorithm, Callback, Event, Precision, State
+from composer.loggers import Logger
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, StableLmConfig, StableLmForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-import torch  # noqa: E402
-from composer import Trainer  # noqa: E402
-from composer.callbacks.speed_monitor import get_gpu_flops_available  # noqa: E402
-from composer.core import Algorithm, Callback, Event, Precision, State  # noqa: E402
-from composer.loggers import Logger  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from transformers import AutoConfig, StableLmConfig, StableLmForCausalLM  # noqa: E402
-from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
-
-from bench.naive_remask import NaiveReMask  # noqa: E402
-from composer_remask import ReMask  # noqa: E402
-from composer_remask.batch import IGNORE_INDEX, ROLE_ANSWER, ROLE_CONTEXT, ROLE_RATIONALE  # noqa: E402
-from composer_remask.configs import config_dir  # noqa: E402
-from composer_remask.train.model import ComposerCausalLM  # noqa: E402
+from bench.naive_remask import NaiveReMask
+from composer_remask import ReMask
+from composer_remask.batch import IGNORE_INDEX, ROLE_ANSWER, ROLE_CONTEXT, ROLE_RATIONALE
+from composer_remask.train.model import ComposerCausalLM
 
 METHODS = ("sft", "lean_sft", "naive", "remask")
 PASSES = {"sft": 1, "lean_sft": 1, "naive": 2, "remask": 2}  # forward+backward passes per step
@@ -63,12 +61,15 @@ MODELS = {
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4),
 }
+# Architectures measured without their weights: config.json folders under bench/model_configs/.
+REPO = Path(__file__).resolve().parents[1]
+MODEL_CONFIGS = REPO / "bench" / "model_configs"
 SHIPPED = {"3b": "stablelm-3b-4e1t"}  # 2,795,443,200 parameters
 
 
 def stablelm_config(model: str) -> StableLmConfig:
     if model in SHIPPED:
-        config = AutoConfig.from_pretrained(config_dir(SHIPPED[model]))
+        config = AutoConfig.from_pretrained(MODEL_CONFIGS / SHIPPED[model])
         config.use_cache = False
         return config
     return StableLmConfig(vocab_size=VOCAB, max_position_embeddings=4096, partial_rotary_factor=0.25,
@@ -224,10 +225,10 @@ def time_methods(args) -> dict[str, dict[str, float]]:
 
 def probe_cpu_memory(args, method: str) -> int:
     """Peak resident bytes of one training step of ``method``, measured in a child process."""
-    cmd = [sys.executable, __file__, "--memory-child", method, "--model", args.model, "--batch", str(args.batch),
+    cmd = [sys.executable, "-m", "bench.step_bench", "--memory-child", method, "--model", args.model, "--batch", str(args.batch),
            "--seq", str(args.seq)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    child = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    child = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     if child.returncode != 0:
         raise RuntimeError(f"memory probe of {method} failed ({child.returncode}):\n{child.stderr[-3000:]}")
     return int(json.loads(child.stdout.strip().splitlines()[-1])["peak_bytes"])

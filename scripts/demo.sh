@@ -27,14 +27,14 @@ if ! installed; then
 fi
 
 step "sample corpus -> MDS"
-"$PY" -m composer_remask.data.fixtures "$DEMO_DIR/raw" >/dev/null
+"$PY" -m composer_remask.tools.fixtures "$DEMO_DIR/raw" >/dev/null
 .venv/bin/remask-data build --overwrite --tokenizer assets/tiny-tokenizer --max-seq-len 256 \
   --source tinycot="$DEMO_DIR/raw/tinycot.jsonl" \
   --source oasst2="$DEMO_DIR/raw/oasst2.jsonl" \
   --source reddit="$DEMO_DIR/raw/reddit.jsonl" \
   --out "$DEMO_DIR/corpus"
 # Held-out rows (another seed) for the eval loader and the local GSM8K-style evaluation.
-"$PY" -m composer_remask.data.fixtures "$DEMO_DIR/heldout-raw" --rows 64 --seed 1 >/dev/null
+"$PY" -m composer_remask.tools.fixtures "$DEMO_DIR/heldout-raw" --rows 64 --seed 1 >/dev/null
 .venv/bin/remask-data build --overwrite --tokenizer assets/tiny-tokenizer --max-seq-len 256 \
   --source tinycot="$DEMO_DIR/heldout-raw/tinycot.jsonl" --out "$DEMO_DIR/heldout"
 

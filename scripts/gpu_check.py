@@ -1,14 +1,15 @@
 """One-call verification of the GPU path: loss paths, step benchmark, train + checkpoint + resume.
 
-Run through ``scripts/gpu_check.sh`` (which installs the carried wheels first), or directly:
+Run through ``scripts/gpu_check.sh`` (which installs the carried wheels first), or directly from the
+repository root (it imports ``bench.step_bench``):
 
-    python scripts/gpu_check.py --device cuda --out runs/gpu_check     # one H100/H200, a few minutes
-    python scripts/gpu_check.py --device cpu --out /tmp/gpu_check      # the same steps, tiny shapes
+    python -m scripts.gpu_check --device cuda --out runs/gpu_check     # one H100/H200, a few minutes
+    python -m scripts.gpu_check --device cpu --out /tmp/gpu_check      # the same steps, tiny shapes
 
 1. ``loss_paths``: one ReMask step with the lean loss (``loss_impl='hidden'``) and with full logits
    (``'logits'``) from the same weights and batch, in amp_bf16 on CUDA (fp32 on CPU): totals and
    output-layer gradients agree, and each total equals ``(ce_full + ce_masked) / 2 + weight * div``.
-2. ``step_bench``: ``bench/step_bench.py`` on StableLM-3B-4e1t's shipped config (random init) with
+2. ``step_bench``: ``bench/step_bench.py`` on StableLM-3B-4e1t's config (``bench/model_configs``) (random init) with
    amp_bf16 and FSDP: tokens/s, MFU (both passes counted), peak memory for SFT, lean SFT, ReMask.
 3. ``train_resume``: ``train.py`` on the 3B recipe with that config (``--train-layers`` decoder
    layers, default 8, so the checkpoint with Lilith's three moments stays ~14 GB on the machine's
@@ -33,10 +34,9 @@ import time
 import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import torch
 
-import torch  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 LOSS_LOG_PLUGIN = REPO / "scripts" / "gpu_check_plugin.py"
 
@@ -123,9 +123,9 @@ def check_step_bench(device: str, out: Path) -> dict:
 
 def build_corpus(root: Path) -> Path:
     """A small MDS corpus from the packaged fixtures and the repo's tiny tokenizer (no download)."""
-    from composer_remask.data.fixtures import write_source_fixtures
     from composer_remask.data.sources import parse_source_arg
     from composer_remask.data.writer import build_corpus as write_corpus
+    from composer_remask.tools.fixtures import write_source_fixtures
 
     raw = write_source_fixtures(root / "raw", rows=64, seed=0)
     corpus = root / "corpus"
@@ -140,10 +140,10 @@ def train_overrides(device: str, corpus: Path, layers: int) -> tuple[Path, list[
               "autoresume=false", "export_folder=null", "eval_first=false", f"code_paths=[{LOSS_LOG_PLUGIN}]",
               "loggers={gpu_check_log: {}}", "console_log_interval=1ba"]
     if device == "cuda":
-        from composer_remask.configs import config_dir
+        from bench.step_bench import MODEL_CONFIGS
 
         return REPO / "yamls" / "remask_3b.yaml", common + [
-            "model.pretrained=false", f"model.pretrained_model_name_or_path={config_dir('stablelm-3b-4e1t')}",
+            "model.pretrained=false", f"model.pretrained_model_name_or_path={MODEL_CONFIGS / 'stablelm-3b-4e1t'}",
             f"model.config_overrides={{num_hidden_layers: {layers}}}", "global_train_batch_size=16",
             "device_train_microbatch_size=8"]
     return REPO / "yamls" / "tiny_cpu.yaml", common + [

@@ -19,7 +19,7 @@ done
 OUT="${OUT:-$REPO/runs/gpu_check}"
 if [[ $DRY_RUN == 1 ]]; then
   PYTHON="${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}"
-  exec "$PYTHON" scripts/gpu_check.py --device cpu --out "$OUT" "${ARGS[@]+"${ARGS[@]}"}"
+  exec "$PYTHON" -m scripts.gpu_check --device cpu --out "$OUT" "${ARGS[@]+"${ARGS[@]}"}"
 fi
 
 PYTHON="${PYTHON:-python3}"
@@ -51,4 +51,4 @@ for name in ("torch", "composer", "streaming", "transformers", "tokenizers", "om
 if missing:
     sys.exit("cannot import the stack:\n  " + "\n  ".join(missing))
 PY
-exec "$PYTHON" scripts/gpu_check.py --out "$OUT" "${ARGS[@]+"${ARGS[@]}"}"
+exec "$PYTHON" -m scripts.gpu_check --out "$OUT" "${ARGS[@]+"${ARGS[@]}"}"

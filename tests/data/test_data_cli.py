@@ -8,14 +8,14 @@ import pytest
 
 from composer_remask.batch import REMASK_SPECIAL_TOKENS
 from composer_remask.data.cli import main
-from composer_remask.data.fixtures import (
+from composer_remask.data.sources import SourceSpec
+from composer_remask.data.writer import build_corpus
+from composer_remask.tools.fixtures import (
     TINY_TOKENIZER_VOCAB_SIZE,
     build_tiny_tokenizer,
     write_source_fixtures,
 )
-from composer_remask.data.fixtures import main as fixtures_main
-from composer_remask.data.sources import SourceSpec
-from composer_remask.data.writer import build_corpus
+from composer_remask.tools.fixtures import main as fixtures_main
 from tests.helpers.assets import TINY_TOKENIZER
 
 

@@ -16,10 +16,10 @@ import yaml
 
 from composer_remask.data.cli import main
 from composer_remask.data.dataset import build_dataloader
-from composer_remask.data.fixtures import tinycot_rows, write_jsonl
 from composer_remask.data.shards import read_mds_samples
 from composer_remask.data.sources import DataError, SourceSpec
 from composer_remask.data.writer import StreamWeight, build_corpus, parse_stream_weight
+from composer_remask.tools.fixtures import tinycot_rows, write_jsonl
 from tests.helpers.assets import TINY_TOKENIZER
 from tests.helpers.role_spans import PATIENCE_S
 

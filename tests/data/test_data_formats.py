@@ -14,7 +14,6 @@ from composer_remask.batch import (
     ROLE_RESPONSE,
     USER_TAG,
 )
-from composer_remask.data.fixtures import oasst2_rows, tinycot_rows
 from composer_remask.data.formats import (
     DROP_TOO_LONG_ANSWER,
     DROP_TOO_LONG_NO_PREDICTED,
@@ -31,6 +30,7 @@ from composer_remask.data.formats import (
     format_cot_prompt,
 )
 from composer_remask.data.tokenizer import add_remask_tokens
+from composer_remask.tools.fixtures import oasst2_rows, tinycot_rows
 from tests.helpers.role_spans import EOS, decoded_spans, expected_chat_spans, expected_cot_spans
 
 

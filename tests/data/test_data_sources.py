@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from composer_remask.data.fixtures import oasst2_rows, reddit_rows, tinycot_rows, write_jsonl, write_parquet
 from composer_remask.data.formats import ChatExample, CoTExample
 from composer_remask.data.sources import (
     DataError,
@@ -20,6 +19,7 @@ from composer_remask.data.sources import (
     parse_record,
     parse_source_arg,
 )
+from composer_remask.tools.fixtures import oasst2_rows, reddit_rows, tinycot_rows, write_jsonl, write_parquet
 
 
 def parse_all(kind: str, path) -> list:

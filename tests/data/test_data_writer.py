@@ -19,12 +19,6 @@ from streaming import Stream, StreamingDataset
 
 from composer_remask.batch import IGNORE_INDEX, PREDICTED_ROLES, ROLE_PAD, ROLE_RESPONSE
 from composer_remask.data.dataset import build_dataloader
-from composer_remask.data.fixtures import (
-    oasst2_rows,
-    reddit_rows,
-    tinycot_rows,
-    write_jsonl,
-)
 from composer_remask.data.formats import RoleEncoder
 from composer_remask.data.pipeline import ChunkEncoder
 from composer_remask.data.shards import read_mds_samples
@@ -37,6 +31,12 @@ from composer_remask.data.writer import (
     parse_out,
     parse_stream_weight,
     streams_yaml,
+)
+from composer_remask.tools.fixtures import (
+    oasst2_rows,
+    reddit_rows,
+    tinycot_rows,
+    write_jsonl,
 )
 from tests.helpers.assets import TINY_TOKENIZER
 from tests.helpers.role_spans import PATIENCE_S, decoded_spans, expected_spans_of_row

@@ -46,11 +46,11 @@ def foundry_assets(tmp_path_factory) -> dict[str, Path]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from composer_remask.data.fixtures import tinycot_rows, tokenizer_training_text, write_jsonl
     from composer_remask.data.sources import parse_source_arg
     from composer_remask.data.tokenizer import train_tiny_tokenizer
     from composer_remask.data.writer import build_corpus
     from composer_remask.foundry import load_remask_tokenizer
+    from composer_remask.tools.fixtures import tinycot_rows, tokenizer_training_text, write_jsonl
 
     clean_unused_streaming_shared_memory()
     root = tmp_path_factory.mktemp("foundry")

@@ -5,5 +5,5 @@ from __future__ import annotations
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-# Rebuilt with `python -m composer_remask.data.fixtures --tokenizer assets/tiny-tokenizer`.
+# Rebuilt with `python -m composer_remask.tools.fixtures --tokenizer assets/tiny-tokenizer`.
 TINY_TOKENIZER = REPO / "assets" / "tiny-tokenizer"

@@ -1,6 +1,7 @@
 """Train the tiny model with ReMask on a fixed global batch of 4, with 1 or 2 processes.
 
-Run as ``composer -n 2 tests/helpers/dist_train.py OUT`` or ``python tests/helpers/dist_train.py OUT``.
+Run from the repository root as ``PYTHONPATH=. composer -n 2 tests/helpers/dist_train.py OUT`` or
+``PYTHONPATH=. python tests/helpers/dist_train.py OUT`` (it imports ``tests.helpers``).
 With one process the samples come in their natural order; with two, DistributedSampler interleaves
 them (rank r holds samples r, r+2, ...). Both runs see the same global batches, laid out differently:
 masks keyed on content make them train identically. Rank 0 saves weights and losses to OUT.
@@ -9,21 +10,18 @@ masks keyed on content make them train identically. Rank 0 saves weights and los
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
+from composer import Trainer
+from composer.loggers import InMemoryLogger
+from composer.utils import dist
+from torch.utils.data import DataLoader
 
-import torch  # noqa: E402
-from composer import Trainer  # noqa: E402
-from composer.loggers import InMemoryLogger  # noqa: E402
-from composer.utils import dist  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-from composer_remask import ReMask  # noqa: E402
-from composer_remask.data.tokenizer import train_tiny_tokenizer  # noqa: E402
-from tests.helpers.synthetic import CoTDataset, collate  # noqa: E402
-from tests.helpers.tiny_model import TINY_TEXT  # noqa: E402
-from tests.helpers.training import build_model  # noqa: E402
+from composer_remask import ReMask
+from composer_remask.data.tokenizer import train_tiny_tokenizer
+from tests.helpers.synthetic import CoTDataset, collate
+from tests.helpers.tiny_model import TINY_TEXT
+from tests.helpers.training import build_model
 
 GLOBAL_BATCH = 4
 

@@ -2,7 +2,7 @@
 
 Composer's FSDP needs CUDA, so this wraps ``ComposerModel.model`` the way Composer does (decoder
 layers as child units, lm_head in the root) with torch's FSDP on the CPU and drives ReMask's events
-in Composer's order. Run: ``composer -n 2 tests/helpers/fsdp_step.py OUT USE_ORIG_PARAMS``.
+in Composer's order. Run: ``PYTHONPATH=. composer -n 2 tests/helpers/fsdp_step.py OUT USE_ORIG_PARAMS``.
 Each rank writes ``OUT.rank{r}`` with the largest weight difference after one SGD step.
 """
 
@@ -13,23 +13,21 @@ import sys
 import types
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
+import torch.distributed as tdist
+from composer.core import Event, Precision, Timestamp
+from composer.devices import DeviceCPU
+from torch.distributed.fsdp import FullStateDictConfig, ShardingStrategy, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+from transformers import StableLmForCausalLM
+from transformers.models.stablelm.modeling_stablelm import StableLmDecoderLayer
 
-import torch  # noqa: E402
-import torch.distributed as tdist  # noqa: E402
-from composer.core import Event, Precision, Timestamp  # noqa: E402
-from composer.devices import DeviceCPU  # noqa: E402
-from torch.distributed.fsdp import FullStateDictConfig, ShardingStrategy, StateDictType  # noqa: E402
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # noqa: E402
-from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy  # noqa: E402
-from transformers import StableLmForCausalLM  # noqa: E402
-from transformers.models.stablelm.modeling_stablelm import StableLmDecoderLayer  # noqa: E402
-
-from composer_remask import ReMask  # noqa: E402
-from composer_remask.data.tokenizer import train_tiny_tokenizer  # noqa: E402
-from composer_remask.train.model import ComposerCausalLM  # noqa: E402
-from tests.helpers.synthetic import CoTDataset, collate  # noqa: E402
-from tests.helpers.tiny_model import TINY_TEXT, tiny_stablelm_config  # noqa: E402
+from composer_remask import ReMask
+from composer_remask.data.tokenizer import train_tiny_tokenizer
+from composer_remask.train.model import ComposerCausalLM
+from tests.helpers.synthetic import CoTDataset, collate
+from tests.helpers.tiny_model import TINY_TEXT, tiny_stablelm_config
 
 
 def one_step(wrap: bool, use_orig_params: bool):

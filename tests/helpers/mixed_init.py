@@ -4,8 +4,8 @@ Composer's FSDP needs CUDA (it moves meta modules to ``cuda:N``), so this wraps 
 module the way Composer's ``prepare_fsdp_module`` does (decoder layers as units, its
 ``_param_init_fn``: ``to_empty`` then the model's ``param_init_fn``, ``sync_module_states=True``)
 on the CPU (FSDP's GPU-only check before the sync is lifted; gloo broadcasts CPU tensors). Run
-``composer -n 2 tests/helpers/mixed_init.py OUT MODEL_DIR FULL_SHARD`` or
-``composer -n 4 tests/helpers/mixed_init.py OUT MODEL_DIR HYBRID_SHARD``: 2 "nodes" of 2 ranks
+``PYTHONPATH=. composer -n 2 tests/helpers/mixed_init.py OUT MODEL_DIR FULL_SHARD`` or
+``PYTHONPATH=. composer -n 4 tests/helpers/mixed_init.py OUT MODEL_DIR HYBRID_SHARD``: 2 "nodes" of 2 ranks
 (``LOCAL_RANK`` set to ``rank % 2``, so ranks 0 and 2 load and 1 and 3 build on meta) on a
 (replicate, shard) = (2, 2) device mesh, as Composer builds from ``data_parallel_replicate_degree``.
 (With a shard group of one rank FSDP quietly turns HYBRID_SHARD into NO_SHARD and skips the sync
@@ -21,18 +21,16 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
+import torch.distributed as tdist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FullStateDictConfig, ShardingStrategy, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import CustomPolicy
 
-import torch  # noqa: E402
-import torch.distributed as tdist  # noqa: E402
-from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
-from torch.distributed.fsdp import FullStateDictConfig, ShardingStrategy, StateDictType  # noqa: E402
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # noqa: E402
-from torch.distributed.fsdp.wrap import CustomPolicy  # noqa: E402
-
-from composer_remask.data.tokenizer import load_tokenizer  # noqa: E402
-from composer_remask.train.model import hf_causal_lm  # noqa: E402
-from tests.helpers.assets import TINY_TOKENIZER  # noqa: E402
+from composer_remask.data.tokenizer import load_tokenizer
+from composer_remask.train.model import hf_causal_lm
+from tests.helpers.assets import TINY_TOKENIZER
 
 RANKS_PER_NODE = 2
 

@@ -13,9 +13,9 @@ from tests.helpers.assets import TINY_TOKENIZER
 @pytest.fixture(scope="session")
 def sample_corpus(tmp_path_factory) -> dict[str, Path]:
     """Train corpus (tinycot + oasst2 + reddit, 48 rows each) and a held-out tinycot corpus."""
-    from composer_remask.data.fixtures import write_source_fixtures
     from composer_remask.data.sources import parse_source_arg
     from composer_remask.data.writer import build_corpus
+    from composer_remask.tools.fixtures import write_source_fixtures
 
     clean_unused_streaming_shared_memory()
     root = tmp_path_factory.mktemp("corpus")

@@ -6,8 +6,8 @@ MATH- and StrategyQA-like chain-of-thought rows, multi-turn chats (some with a s
 Reddit posts with answers. With the default 300 rows per source it is the sample corpus the CPU
 demo trains on; tests write a few rows.
 
-    python -m composer_remask.data.fixtures OUT_DIR [--rows 300] [--seed 0]
-    python -m composer_remask.data.fixtures --tokenizer DIR    # the tiny tokenizer (the repo's: assets/tiny-tokenizer)
+    python -m composer_remask.tools.fixtures OUT_DIR [--rows 300] [--seed 0]
+    python -m composer_remask.tools.fixtures --tokenizer DIR    # the tiny tokenizer (the repo's: assets/tiny-tokenizer)
 
 Files under OUT_DIR: tinycot.jsonl, oasst2.jsonl, oasst2.parquet (same rows), reddit.jsonl and
 generic.jsonl (the three generic shapes mixed).
@@ -323,7 +323,7 @@ def save_tiny_tokenizer(out_dir: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m composer_remask.data.fixtures",
+    parser = argparse.ArgumentParser(prog="python -m composer_remask.tools.fixtures",
                                      description="Write fixture / sample-corpus files, or rebuild the tiny tokenizer.")
     parser.add_argument("out_dir", nargs="?", help="folder for tinycot.jsonl, oasst2.jsonl, ...")
     parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="rows per source")
