@@ -240,10 +240,7 @@ def evaluate(
     generative tasks (default 256; it must stay below the model's context). With ``log_samples`` each task also gets
     ``samples`` (prompts and generations).
     """
-    import lm_eval
     import torch
-    from lm_eval.api.model import LM
-    from lm_eval.tasks import TaskManager
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     settings = {name: CARD_TASKS.get(name, TaskSetting(None, None)) for name in tasks}
@@ -255,48 +252,78 @@ def evaluate(
             settings[LOCAL_GSM8K_TASK] = write_local_gsm8k_task(gsm8k_jsonl, task_dir, gsm8k_fewshot_jsonl,
                                                                 prompt_format)
             include_paths.append(task_dir)
-        # Indexing lm-eval's own few thousand task files takes seconds: skip it when local files suffice.
-        task_manager = TaskManager(include_path=include_paths, include_defaults=False) if include_paths else None
-        if task_manager is None or any(not task_manager.match_tasks([name]) for name in tasks):
-            task_manager = TaskManager(include_path=include_paths or None)
-        unknown = [name for name in tasks if not task_manager.match_tasks([name])]
-        if unknown:
-            raise ValueError(f"unknown lm-eval task(s) {unknown}; add their YAML folder with include_path")
-
-        # The project's CoT format ends its answer after a special token, which the stock decoding hides.
-        hflm = special_tokens_hflm() if prompt_format == "remask" else _stock_hflm()
-        if isinstance(model, LM):  # any lm-eval model object, used as it is
-            lm, model_name = model, type(model).__name__
-        elif isinstance(model, (str, Path)):
-            lm = hflm(pretrained=str(model), device=device, dtype=dtype, batch_size=batch_size)
-            model_name = str(model)
-        else:
-            lm = hflm(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
-            model_name = getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__)
-
-        groups: dict[int | None, list[str]] = {}
-        for name, setting in settings.items():
-            groups.setdefault(num_fewshot if num_fewshot is not None else setting.num_fewshot, []).append(name)
+        task_manager = _task_manager(list(tasks), include_paths)
+        lm, model_name = _harness_model(model, tokenizer, prompt_format, device=device, dtype=dtype,
+                                        batch_size=batch_size)
         report: dict[str, Any] = {"model": model_name, "limit": limit, "tasks": {}}
-        for shots, names in groups.items():
-            output = lm_eval.simple_evaluate(
-                model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=task_manager,
-                log_samples=log_samples, bootstrap_iters=1000,
-                gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None)
-            if output is None:  # non-zero ranks under a distributed harness
-                continue
-            for name in names:
-                task_results = output["results"].get(name, {})
-                metric, value, stderr = _headline(task_results, settings[name].metric)
-                entry = {
-                    "metric": metric, "value": value, "stderr": stderr,
-                    "num_fewshot": output.get("n-shot", {}).get(name, shots),
-                    "all": {k: v for k, v in task_results.items() if isinstance(v, (int, float, str))},
-                }
-                if log_samples:
-                    entry["samples"] = output.get("samples", {}).get(name, [])
-                report["tasks"][name] = entry
+        for shots, names in _by_fewshot(settings, num_fewshot).items():
+            report["tasks"].update(_run_tasks(lm, names, settings, shots, task_manager, limit=limit,
+                                              log_samples=log_samples, max_gen_toks=max_gen_toks))
     return report
+
+
+def _task_manager(tasks: list[str], include_paths: list[str]) -> Any:
+    """lm-eval's ``TaskManager`` that knows ``tasks``; unknown names are a ``ValueError``."""
+    from lm_eval.tasks import TaskManager
+
+    # Indexing lm-eval's own few thousand task files takes seconds: skip it when local files suffice.
+    task_manager = TaskManager(include_path=include_paths, include_defaults=False) if include_paths else None
+    if task_manager is None or any(not task_manager.match_tasks([name]) for name in tasks):
+        task_manager = TaskManager(include_path=include_paths or None)
+    unknown = [name for name in tasks if not task_manager.match_tasks([name])]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) {unknown}; add their YAML folder with include_path")
+    return task_manager
+
+
+def _harness_model(model: Any, tokenizer: Any, prompt_format: str, *, device: str, dtype: str,
+                   batch_size: int | str) -> tuple[Any, str]:
+    """The lm-eval model object for ``model`` and the name the report gives it."""
+    from lm_eval.api.model import LM
+
+    # The project's CoT format ends its answer after a special token, which the stock decoding hides.
+    hflm = special_tokens_hflm() if prompt_format == "remask" else _stock_hflm()
+    if isinstance(model, LM):  # any lm-eval model object, used as it is
+        return model, type(model).__name__
+    if isinstance(model, (str, Path)):
+        return hflm(pretrained=str(model), device=device, dtype=dtype, batch_size=batch_size), str(model)
+    lm = hflm(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
+    return lm, getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__)
+
+
+def _by_fewshot(settings: Mapping[str, TaskSetting], num_fewshot: int | None) -> dict[int | None, list[str]]:
+    """Task names grouped by their few-shot count: one ``simple_evaluate`` call applies one count."""
+    groups: dict[int | None, list[str]] = {}
+    for name, setting in settings.items():
+        groups.setdefault(num_fewshot if num_fewshot is not None else setting.num_fewshot, []).append(name)
+    return groups
+
+
+def _run_tasks(lm: Any, names: list[str], settings: Mapping[str, TaskSetting], shots: int | None,
+               task_manager: Any, *, limit: int | float | None, log_samples: bool,
+               max_gen_toks: int | None) -> dict[str, Any]:
+    """One ``simple_evaluate`` call over ``names``; each task's headline metric and all its numbers."""
+    import lm_eval
+
+    output = lm_eval.simple_evaluate(
+        model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=task_manager,
+        log_samples=log_samples, bootstrap_iters=1000,
+        gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None)
+    if output is None:  # non-zero ranks under a distributed harness
+        return {}
+    entries = {}
+    for name in names:
+        task_results = output["results"].get(name, {})
+        metric, value, stderr = _headline(task_results, settings[name].metric)
+        entry = {
+            "metric": metric, "value": value, "stderr": stderr,
+            "num_fewshot": output.get("n-shot", {}).get(name, shots),
+            "all": {k: v for k, v in task_results.items() if isinstance(v, (int, float, str))},
+        }
+        if log_samples:
+            entry["samples"] = output.get("samples", {}).get(name, [])
+        entries[name] = entry
+    return entries
 
 
 def _stock_hflm() -> type:

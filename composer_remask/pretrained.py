@@ -198,7 +198,6 @@ def tokenizer_from_gguf(path: str | os.PathLike[str], metadata: Mapping[str, Any
     ids: control and user-defined tokens are special (never split), BOS / EOS are added to encodings
     only where the GGUF's ``add_bos_token`` / ``add_eos_token`` ask for it.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     path = Path(path)
@@ -207,8 +206,24 @@ def tokenizer_from_gguf(path: str | os.PathLike[str], metadata: Mapping[str, Any
     if kind != "gpt2":
         raise GGUFImportError(f"{path}: field 'tokenizer.ggml.model' is {kind!r}; only byte-level BPE ('gpt2') "
                               "vocabularies are supported")
+    tokens, vocab, types = _gguf_vocabulary(meta, path)
+    core = _byte_level_bpe(vocab, _gguf_merges(meta, path), _gguf_pre_tokenizer(meta, path))
+    core.add_special_tokens(_special_tokens(tokens, types))
+    bos, eos = _token_at(meta, "bos_token_id", tokens, path), _token_at(meta, "eos_token_id", tokens, path)
+    if eos is None:
+        raise GGUFImportError(f"{path}: field 'tokenizer.ggml.eos_token_id' is missing")
+    _add_bos_eos(core, meta, bos, eos, vocab)
+    context = meta.get(f"{meta.get('general.architecture', '')}.context_length")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=bos, eos_token=eos, unk_token=_token_at(meta, "unknown_token_id", tokens, path),
+        pad_token=_token_at(meta, "padding_token_id", tokens, path), model_max_length=int(context) if context else 2048,
+        clean_up_tokenization_spaces=False, chat_template=meta.get("tokenizer.chat_template"),
+    )
+
+
+def _gguf_vocabulary(meta: Mapping[str, Any], path: Path) -> tuple[list[str], dict[str, int], list[int]]:
+    """The tokens, the token -> id map and the token types, each token appearing once."""
     tokens: list[str] = list(_require(meta, "tokenizer.ggml.tokens", path))
-    merges: list[str] = list(_require(meta, "tokenizer.ggml.merges", path))
     types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens))
     if len(types) != len(tokens):
         raise GGUFImportError(f"{path}: field 'tokenizer.ggml.token_type' has {len(types)} entries for "
@@ -219,38 +234,62 @@ def tokenizer_from_gguf(path: str | os.PathLike[str], metadata: Mapping[str, Any
             raise GGUFImportError(f"{path}: field 'tokenizer.ggml.tokens': token {token!r} appears twice "
                                   f"(ids {vocab[token]} and {index})")
         vocab[token] = index
+    return tokens, vocab, types
+
+
+def _gguf_merges(meta: Mapping[str, Any], path: Path) -> list[tuple[str, str]]:
     pairs = []
-    for row, merge in enumerate(merges):
+    for row, merge in enumerate(_require(meta, "tokenizer.ggml.merges", path)):
         left, sep, right = merge.partition(" ")
         if not sep or not left or not right:
             raise GGUFImportError(f"{path}: field 'tokenizer.ggml.merges' row {row}: {merge!r} is not 'left right'")
         pairs.append((left, right))
+    return pairs
+
+
+def _gguf_pre_tokenizer(meta: Mapping[str, Any], path: Path) -> str:
     pre = str(meta.get("tokenizer.ggml.pre", "default"))
     if pre not in _BYTE_LEVEL_PRE:
         raise GGUFImportError(f"{path}: field 'tokenizer.ggml.pre' is {pre!r}; known byte-level pre-tokenizers: "
                               f"{', '.join(sorted(_BYTE_LEVEL_PRE))}")
+    return pre
 
-    core = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+
+def _byte_level_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], pre: str) -> Any:
+    """GPT-2's byte-level BPE over ``vocab``, digits split one by one where llama.cpp's ``pre`` does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    core = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
     core.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
                           if _BYTE_LEVEL_PRE[pre] else byte_level)
     core.decoder = decoders.ByteLevel()
-    special = [AddedToken(token, special=True, normalized=False)
-               for token, kind_id in zip(tokens, types) if kind_id in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)]
-    core.add_special_tokens(special)
+    return core
 
-    def token_at(key: str) -> str | None:
-        index = meta.get(f"tokenizer.ggml.{key}")
-        if index is None:
-            return None
-        if not 0 <= int(index) < len(tokens):
-            raise GGUFImportError(f"{path}: field 'tokenizer.ggml.{key}' = {index} is outside the vocabulary "
-                                  f"(0..{len(tokens) - 1})")
-        return tokens[int(index)]
 
-    bos, eos = token_at("bos_token_id"), token_at("eos_token_id")
-    if eos is None:
-        raise GGUFImportError(f"{path}: field 'tokenizer.ggml.eos_token_id' is missing")
+def _special_tokens(tokens: list[str], types: list[int]) -> list[Any]:
+    """Control and user-defined tokens: special, never split."""
+    from tokenizers import AddedToken
+
+    return [AddedToken(token, special=True, normalized=False)
+            for token, kind_id in zip(tokens, types) if kind_id in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)]
+
+
+def _token_at(meta: Mapping[str, Any], key: str, tokens: list[str], path: Path) -> str | None:
+    """The token whose id ``tokenizer.ggml.<key>`` holds, if the field is there."""
+    index = meta.get(f"tokenizer.ggml.{key}")
+    if index is None:
+        return None
+    if not 0 <= int(index) < len(tokens):
+        raise GGUFImportError(f"{path}: field 'tokenizer.ggml.{key}' = {index} is outside the vocabulary "
+                              f"(0..{len(tokens) - 1})")
+    return tokens[int(index)]
+
+
+def _add_bos_eos(core: Any, meta: Mapping[str, Any], bos: str | None, eos: str, vocab: dict[str, int]) -> None:
+    """BOS / EOS around each encoding, only where the GGUF's ``add_bos_token`` / ``add_eos_token`` say so."""
+    from tokenizers import processors
+
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
     if add_bos or add_eos:
@@ -258,13 +297,6 @@ def tokenizer_from_gguf(path: str | os.PathLike[str], metadata: Mapping[str, Any
         core.post_processor = processors.TemplateProcessing(
             single=[*head, "$A", *tail], pair=[*head, "$A", *tail, *head, "$B:1", *tail],
             special_tokens=[(token, vocab[token]) for token in dict.fromkeys([*head, *tail])])
-    context = meta.get(f"{meta.get('general.architecture', '')}.context_length")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token=bos, eos_token=eos, unk_token=token_at("unknown_token_id"),
-        pad_token=token_at("padding_token_id"), model_max_length=int(context) if context else 2048,
-        clean_up_tokenization_spaces=False, chat_template=meta.get("tokenizer.chat_template"),
-    )
-    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -318,11 +350,6 @@ def import_gguf(
     ``structural_tags``: ``"init"`` adds ReMask's tags and starts their rows from the base's own words
     (see the module docstring), ``"none"`` leaves the vocabulary as the GGUF has it.
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from composer_remask.data.tokenizer import add_remask_tokens
-
     if structural_tags not in ("init", "none"):
         raise ValueError(f"structural_tags must be 'init' or 'none', got {structural_tags!r}")
     out = Path(out_dir)
@@ -332,46 +359,64 @@ def import_gguf(
     meta = read_gguf_metadata(gguf_path)
     architecture = _require(meta, "general.architecture", gguf_path)
     tokenizer = tokenizer_from_gguf(gguf_path, meta)
+    model = _dequantized_model(gguf_path, architecture, tokenizer)
+    tag_sources = _add_structural_tags(model, tokenizer, pad_vocab_to_multiple_of) if structural_tags == "init" else {}
+    check_eos_agreement(tokenizer, model.config, where=str(out))
+    record = {
+        "source": str(source), "gguf_file": str(gguf_path.resolve()), "gguf_sha256": _sha256(gguf_path),
+        "architecture": architecture, "name": meta.get("general.name"),
+        "gguf_tensor_types": sorted({t.tensor_type.name for t in _tensors(gguf_path)}), "dequantized_to": "float32",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer), "embedding_rows": model.get_input_embeddings().num_embeddings,
+        "tied_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
+        "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
+        "eos_token_id": tokenizer.eos_token_id, "pad_token": tokenizer.pad_token,
+        "tokenizer": "rebuilt from the GGUF's vocabulary, merges, token types and special-token ids",
+        "structural_tags": structural_tags,
+        "tag_init": {tag: tokenizer.convert_ids_to_tokens(ids) for tag, ids in tag_sources.items()},
+    }
+    _write_folder(out, model, tokenizer, record)
+    return record
+
+
+def _dequantized_model(gguf_path: Path, architecture: str, tokenizer: Any) -> Any:
+    """transformers' GGUF loader, float32 weights, with the tokenizer's special ids in its configs."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                      torch_dtype=torch.float32)
     except (ValueError, KeyError, RuntimeError, NotImplementedError) as error:
         raise GGUFImportError(f"{gguf_path}: transformers cannot load this GGUF (architecture "
                               f"{architecture!r}): {error}") from error
-    base_rows = model.get_input_embeddings().num_embeddings
-    if base_rows < len(tokenizer):
-        raise GGUFImportError(f"{gguf_path}: the embedding has {base_rows} rows for {len(tokenizer)} tokens")
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise GGUFImportError(f"{gguf_path}: the embedding has {model.get_input_embeddings().num_embeddings} rows "
+                              f"for {len(tokenizer)} tokens")
     _set_special_ids(model.config, tokenizer)
     if model.generation_config is not None:
         _set_special_ids(model.generation_config, tokenizer)
-    tag_sources: dict[str, list[int]] = {}
-    if structural_tags == "init":
-        add_remask_tokens(tokenizer)
-        if len(tokenizer) > base_rows:
-            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_vocab_to_multiple_of,
-                                          mean_resizing=False)
-        tag_sources = _initialize_tags(model, tokenizer, base_rows)
-    check_eos_agreement(tokenizer, model.config, where=str(out))
+    return model
 
+
+def _add_structural_tags(model: Any, tokenizer: Any, pad_vocab_to_multiple_of: int) -> dict[str, list[int]]:
+    """ReMask's tags as special tokens, their rows started from the base's own words (module docstring)."""
+    from composer_remask.data.tokenizer import add_remask_tokens
+
+    base_rows = model.get_input_embeddings().num_embeddings
+    add_remask_tokens(tokenizer)
+    if len(tokenizer) > base_rows:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_vocab_to_multiple_of, mean_resizing=False)
+    return _initialize_tags(model, tokenizer, base_rows)
+
+
+def _write_folder(out: Path, model: Any, tokenizer: Any, record: Mapping[str, Any]) -> None:
+    """Model, tokenizer and the import record, written next to ``out`` and renamed into place at the end."""
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        quant_types = sorted({t.tensor_type.name for t in _tensors(gguf_path)})
-        record = {
-            "source": str(source), "gguf_file": str(gguf_path.resolve()), "gguf_sha256": _sha256(gguf_path),
-            "architecture": architecture, "name": meta.get("general.name"),
-            "gguf_tensor_types": quant_types, "dequantized_to": "float32",
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "vocab_size": len(tokenizer), "embedding_rows": model.get_input_embeddings().num_embeddings,
-            "tied_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
-            "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-            "eos_token_id": tokenizer.eos_token_id, "pad_token": tokenizer.pad_token,
-            "tokenizer": "rebuilt from the GGUF's vocabulary, merges, token types and special-token ids",
-            "structural_tags": structural_tags,
-            "tag_init": {tag: tokenizer.convert_ids_to_tokens(ids) for tag, ids in tag_sources.items()},
-        }
         (partial / IMPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)
@@ -379,7 +424,6 @@ def import_gguf(
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return record
 
 
 def _tensors(path: Path) -> list[Any]:
