@@ -5,7 +5,7 @@
    schedule constructed once, the tokenizer, and the corpus manifest against the recipe;
 2. data, model, optimizer, schedule, algorithms, callbacks, loggers;
 3. ``Trainer.fit()`` with checkpoints and autoresume (unreadable checkpoints left by a crash are moved
-   aside first; every checkpoint load is checked to be safe, see ``checkpoints.py``), stopped at the
+   aside first; every checkpoint load is checked to be safe, see ``composer_remask/checkpoints.py``), stopped at the
    first non-finite loss;
 4. export a Hugging Face folder and print a summary.
 """
