@@ -43,35 +43,21 @@ def microbatch_loss(rows: LossRows, targets: torch.Tensor, div_rows: torch.Tenso
     return loss
 
 
-def remask_step_loss(
-    model: torch.nn.Module,
-    batch: Mapping[str, Any],
-    *,
-    tokenizer: Any = None,
-    mask_prob: float = 0.4,
-    weight: float = 0.1,
-    divergence: str = "sym_kl",
-    mask_strategy: str = "mask_token",
-    mask_token_id: int | None = None,
-    rationale_label_drop_prob: float = 0.1,
-    answer_only_prob: float = 0.1,
-    detach_full: bool = False,
-    masked_only: bool = False,
-    seed: int = 0,
-    batch_index: int = 0,
-) -> dict[str, torch.Tensor]:
+def remask_step_loss(model: torch.nn.Module, batch: Mapping[str, Any], *, tokenizer: Any = None, seed: int = 0,
+                     batch_index: int = 0, **arguments: Any) -> dict[str, torch.Tensor]:
     """ReMask's loss on one batch of a Hugging Face causal LM: what ``ReMask`` trains on, as a function.
 
     ``batch`` holds ``input_ids``, ``attention_mask`` and unshifted ``labels`` (-100 where nothing
     is predicted), and optionally ``token_roles``; ``tokenizer`` finds ``<|mask|>`` and the special
-    tokens that are never masked. The other arguments are ``ReMask``'s; ``seed`` and
-    ``batch_index`` select the masks (``ReMask`` uses its seed and ``state.timestamp.batch``).
-    Returns ``{total, ce_full, ce_masked, divergence}`` (one pass: ``total`` and its CE), with
-    ``total = 0.5 * (ce_full + ce_masked) + weight * divergence``; call ``["total"].backward()``.
+    tokens that are never masked. ``arguments`` are ``ReMask``'s, with its defaults: ``mask_prob``,
+    ``weight``, ``divergence``, ``mask_strategy``, ``mask_token_id``, ``rationale_label_drop_prob``,
+    ``answer_only_prob``, ``detach_full``, ``masked_only``. ``seed`` and ``batch_index`` select the
+    masks (``ReMask`` uses its seed and ``state.timestamp.batch``). Returns ``{total, ce_full,
+    ce_masked, divergence}`` (one pass: ``total`` and its CE), with ``total = 0.5 * (ce_full +
+    ce_masked) + weight * divergence``; call ``["total"].backward()``.
     """
-    options = RemaskOptions(mask_prob, weight, divergence, mask_strategy, mask_token_id, rationale_label_drop_prob,
-                            answer_only_prob, detach_full, masked_only)
-    vocabulary = MaskVocabulary.from_model(model, tokenizer, mask_strategy, mask_token_id,
+    options = RemaskOptions.from_arguments(**arguments)
+    vocabulary = MaskVocabulary.from_model(model, tokenizer, options.mask_strategy, options.mask_token_id,
                                            replaces=options.layout != LAYOUT_FULL)
     prepared, local_counts = prepare_batch(
         batch, vocabulary, mask_prob=options.mask_prob, layout=options.layout, seed=seed, batch_index=batch_index,

@@ -1,13 +1,15 @@
 """The method's options, checked once where they enter: ``ReMask(...)`` or ``remask_step_loss(...)``.
 
-Messages name the public argument (``weight``, the card's name for the divergence weight), so a
-recipe error points at the YAML key (``algorithms.remask.weight``).
+The defaults live here (``ReMask``'s signature reads them). Messages name the public argument
+(``weight``, the card's name for the divergence weight), so a recipe error points at the YAML key
+(``algorithms.remask.weight``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
+from typing import Any
 
 from composer_remask.arguments import check_type
 from composer_remask.batch import LAYOUT_FULL, LAYOUT_FULL_AND_MASKED, LAYOUT_MASKED_ONLY
@@ -59,6 +61,16 @@ class RemaskOptions:
         if self.masked_only and self.divergence_weight > 0:
             raise ValueError(f"ReMask: masked_only=True trains one pass on the masked input, so there is no full pass "
                              f"for the divergence; set weight=0 (got weight={self.divergence_weight}).")
+
+    @classmethod
+    def from_arguments(cls, **arguments: Any) -> RemaskOptions:
+        """The options from ``ReMask``'s argument names (``weight`` is the divergence weight)."""
+        for field, public in _PUBLIC_NAMES.items():
+            if field in arguments:
+                raise TypeError(f"ReMask: unknown argument {field!r}; it is called {public!r}")
+            if public in arguments:
+                arguments[field] = arguments.pop(public)
+        return cls(**arguments)
 
     @property
     def layout(self) -> str:
