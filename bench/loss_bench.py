@@ -232,6 +232,41 @@ def load_average() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    args = _parse_args(argv)
+    dtype = DTYPES[args.dtype]
+    names = _method_names(args)
+    load_before = load_average()
+    print(f"device {args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+          f"torch {torch.__version__}, {args.dtype}; load average before: {load_before}", flush=True)
+    case = Case(args.rows, args.hidden, args.vocab, args.device, dtype)
+    check = agreement(case)
+    print(f"lean vs naive: total rel diff {check['total_rel_diff']:.1e}, max |grad diff| "
+          f"{check['max_grad_abs_diff']:.1e} (max |grad| {check['max_grad_abs']:.1e})", flush=True)
+    times, peaks = measure(case, methods_for(names), args.rounds, args.device)
+    working = {name: max(peak - case.gradient_bytes(), 0) for name, peak in peaks.items()}
+    _print_main_table(args, names, times, peaks, working)
+    del case
+    scaling = [] if args.no_scaling else _scaling_table(args, dtype)
+    result = {
+        "shape": {"rows": args.rows, "hidden": args.hidden, "vocab": args.vocab, "dtype": args.dtype},
+        "device": args.device, "threads": torch.get_num_threads(), "rounds": args.rounds,
+        "lean_over_floor": times["lean"] / times["floor"],
+        "naive_over_lean": times["naive"] / times["lean"],
+        "naive_compile_over_lean": times["naive_compile"] / times["lean"] if "naive_compile" in times else None,
+        "lean_memory_over_naive": peaks["lean"] / max(peaks["naive"], 1),
+        "lean_working_memory_over_naive": working["lean"] / max(working["naive"], 1),
+        "times_s": times, "peak_mib": {name: peak / 2**20 for name, peak in peaks.items()},
+        "working_mib": {k: v / 2**20 for k, v in working.items()},
+        "agreement": check, "load_average_before": load_before,
+        "scaling": scaling, "lean_faster_than_naive_everywhere": all(r["naive_over_lean"] > 1 for r in scaling)
+        and times["naive"] > times["lean"],
+        "load_average_after": load_average(),
+    }
+    print(json.dumps(result))
+    return result
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=512, help="predicted rows per pass (N)")
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size (d)")
@@ -246,9 +281,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.hidden, args.vocab, args.rounds = 128, 256, 8192, 2
-    scaling_shapes = QUICK_SCALING if args.quick else DEFAULT_SCALING
-    dtype = DTYPES[args.dtype]
+    return args
 
+
+def _method_names(args: argparse.Namespace) -> list[str]:
+    """The methods measured: Liger's fused loss only on CUDA where it is installed."""
     names = ["floor", "lean", "naive"] + ([] if args.no_compile else ["naive_compile"])
     if args.device == "cuda":
         try:
@@ -256,60 +293,40 @@ def main(argv: list[str] | None = None) -> dict:
             names.append("liger")
         except ImportError:
             pass
-    load_before = load_average()
-    print(f"device {args.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-          f"torch {torch.__version__}, {args.dtype}; load average before: {load_before}", flush=True)
-    case = Case(args.rows, args.hidden, args.vocab, args.device, dtype)
-    check = agreement(case)
-    print(f"lean vs naive: total rel diff {check['total_rel_diff']:.1e}, max |grad diff| "
-          f"{check['max_grad_abs_diff']:.1e} (max |grad| {check['max_grad_abs']:.1e})", flush=True)
-    times, peaks = measure(case, methods_for(names), args.rounds, args.device)
-    mib = {name: peak / 2**20 for name, peak in peaks.items()}
-    working = {name: max(peak - case.gradient_bytes(), 0) for name, peak in peaks.items()}
+    return names
+
+
+def _print_main_table(args: argparse.Namespace, names: list[str], times: dict[str, float], peaks: dict[str, int],
+                      working: dict[str, int]) -> None:
     print(f"\nCE x 2 + sym-KL, forward + backward; N={args.rows} rows per pass, d={args.hidden}, V={args.vocab}, "
           f"{args.dtype}; median of {args.rounds} interleaved rounds")
     print("| method | time (s) | / floor | peak (MiB) | / naive peak | working (MiB) | / naive working |\n"
           "| --- | --- | --- | --- | --- | --- | --- |")
     for name in names:
-        print(f"| {name} | {times[name]:.3f} | {times[name] / times['floor']:.2f} | {mib[name]:.0f} | "
+        print(f"| {name} | {times[name]:.3f} | {times[name] / times['floor']:.2f} | {peaks[name] / 2**20:.0f} | "
               f"{peaks[name] / max(peaks['naive'], 1):.2f} | {working[name] / 2**20:.0f} | "
               f"{working[name] / max(working['naive'], 1):.2f} |")
 
-    scaling = []
-    if not args.no_scaling:
-        del case
-        table_methods = methods_for(["floor", "lean", "naive"])
-        print(f"\nscaling (d={args.hidden}, median of {args.scaling_rounds} round(s), no warm-up)")
-        print("| N | V | floor (s) | lean (s) | naive (s) | lean / floor | naive / lean | lean / naive peak |\n"
-              "| --- | --- | --- | --- | --- | --- | --- | --- |")
-        for rows, vocab in scaling_shapes:
-            shape_case = Case(rows, args.hidden, vocab, args.device, dtype)
-            t, p = measure(shape_case, table_methods, args.scaling_rounds, args.device, warmup=False)
-            row = {"rows": rows, "vocab": vocab, "times_s": t, "peak_mib": {k: v / 2**20 for k, v in p.items()},
-                   "lean_over_floor": t["lean"] / t["floor"], "naive_over_lean": t["naive"] / t["lean"],
-                   "lean_memory_over_naive": p["lean"] / max(p["naive"], 1)}
-            scaling.append(row)
-            print(f"| {rows} | {vocab} | {t['floor']:.3f} | {t['lean']:.3f} | {t['naive']:.3f} | "
-                  f"{row['lean_over_floor']:.2f} | {row['naive_over_lean']:.2f} | "
-                  f"{row['lean_memory_over_naive']:.2f} |", flush=True)
-            del shape_case
 
-    result = {
-        "shape": {"rows": args.rows, "hidden": args.hidden, "vocab": args.vocab, "dtype": args.dtype},
-        "device": args.device, "threads": torch.get_num_threads(), "rounds": args.rounds,
-        "lean_over_floor": times["lean"] / times["floor"],
-        "naive_over_lean": times["naive"] / times["lean"],
-        "naive_compile_over_lean": times["naive_compile"] / times["lean"] if "naive_compile" in times else None,
-        "lean_memory_over_naive": peaks["lean"] / max(peaks["naive"], 1),
-        "lean_working_memory_over_naive": working["lean"] / max(working["naive"], 1),
-        "times_s": times, "peak_mib": mib, "working_mib": {k: v / 2**20 for k, v in working.items()},
-        "agreement": check, "load_average_before": load_before,
-        "scaling": scaling, "lean_faster_than_naive_everywhere": all(r["naive_over_lean"] > 1 for r in scaling)
-        and times["naive"] > times["lean"],
-        "load_average_after": load_average(),
-    }
-    print(json.dumps(result))
-    return result
+def _scaling_table(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
+    """floor, lean and naive over the scaling shapes (rows x vocabulary), one row each, printed as it goes."""
+    table_methods = methods_for(["floor", "lean", "naive"])
+    print(f"\nscaling (d={args.hidden}, median of {args.scaling_rounds} round(s), no warm-up)")
+    print("| N | V | floor (s) | lean (s) | naive (s) | lean / floor | naive / lean | lean / naive peak |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
+    scaling = []
+    for rows, vocab in QUICK_SCALING if args.quick else DEFAULT_SCALING:
+        shape_case = Case(rows, args.hidden, vocab, args.device, dtype)
+        t, p = measure(shape_case, table_methods, args.scaling_rounds, args.device, warmup=False)
+        row = {"rows": rows, "vocab": vocab, "times_s": t, "peak_mib": {k: v / 2**20 for k, v in p.items()},
+               "lean_over_floor": t["lean"] / t["floor"], "naive_over_lean": t["naive"] / t["lean"],
+               "lean_memory_over_naive": p["lean"] / max(p["naive"], 1)}
+        scaling.append(row)
+        print(f"| {rows} | {vocab} | {t['floor']:.3f} | {t['lean']:.3f} | {t['naive']:.3f} | "
+              f"{row['lean_over_floor']:.2f} | {row['naive_over_lean']:.2f} | "
+              f"{row['lean_memory_over_naive']:.2f} |", flush=True)
+        del shape_case
+    return scaling
 
 
 if __name__ == "__main__":

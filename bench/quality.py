@@ -33,18 +33,18 @@ metrics, final CE / divergence, training curves, wall times, commands; the base)
 (mean ± std per method and every run) and ``quality.png`` (accuracy and gold-response NLL per method
 with per-seed points; CE and divergence curves).
 
-    python bench/quality.py --quick          # 1 seed, a few steps: a smoke test (a few minutes)
-    python bench/quality.py                  # the full grid, 5 seeds (about an hour on 2 CPU cores)
-    python bench/quality.py --device cuda    # training and evaluation on the GPU
-    python bench/quality.py --report-only    # redo table and plot from quality.json
+    python -m bench.quality --quick          # 1 seed, a few steps: a smoke test (a few minutes)
+    python -m bench.quality                  # the full grid, 5 seeds (about an hour on 2 CPU cores)
+    python -m bench.quality --device cuda    # training and evaluation on the GPU
+    python -m bench.quality --report-only    # redo table and plot from quality.json
 
 The multi-epoch regime (bench/quality_task/sweep.py: a small training set seen for several epochs,
 a sweep of mask rate x weight x divergence with 3 seeds per cell, a validation split for choosing,
 per-epoch held-out exact match and exposure-bias measures):
 
-    python bench/quality.py --regime epochs --quick       # 3 cells x 1 seed, 2 epochs (minutes)
-    python bench/quality.py --regime epochs               # 8 cells x 3 seeds (about an hour on 2 CPU cores)
-    python bench/quality.py --base smollm2-135m --device cuda   # the pretrained base (~8 min on one H100/H200)
+    python -m bench.quality --regime epochs --quick       # 3 cells x 1 seed, 2 epochs (minutes)
+    python -m bench.quality --regime epochs               # 8 cells x 3 seeds (about an hour on 2 CPU cores)
+    python -m bench.quality --base smollm2-135m --device cuda   # the pretrained base (~8 min on one H100/H200)
 
 On CPU, runs go two at a time (``--jobs``) with one thread each (``--threads``): on a shared
 2-core machine this is much faster than one run with two threads. Finished runs (and the base) are
@@ -55,23 +55,33 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
-import math
-import os
-import platform
-import re
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.quality_task.common import (
+    REPO,
+    format_mean_std,
+    machine,
+    mean_std,
+    read_curves,
+    repo_relative,
+    run_all,
+    run_logged,
+    run_with_retry,
+    smoothed_curves,
+    subprocess_env,
+    tail_mean,
+    write_report,
+)
+
 RECIPE = "yamls/quality_tiny.yaml"
 SCHEMA = 1
 
@@ -108,75 +118,18 @@ MODES = {
 }
 
 
-# --------------------------------------------------------------------------------- subprocesses
-
-def _env(threads: int, device: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""  # Composer trains on a GPU whenever it sees one
-    return env
-
-
-def _rel(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
-
-
-def run_logged(cmd: Sequence[str], log_path: Path, env: Mapping[str, str]) -> float:
-    """Run ``cmd`` in the repo root with stdout+stderr to ``log_path``; return wall seconds.
-
-    Raises ``RuntimeError`` with the log's tail if it fails.
-    """
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    with log_path.open("w", encoding="utf-8") as log:
-        log.write(f"$ {shlex.join(cmd)}\n")
-        log.flush()
-        status = subprocess.run(list(cmd), cwd=REPO, env=dict(env), stdout=log, stderr=subprocess.STDOUT).returncode
-    seconds = time.monotonic() - start
-    if status != 0:
-        tail = "".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"exit status {status}: {shlex.join(cmd)}\n(log {log_path})\n{tail}")
-    return seconds
-
-
-SHM_RACE = "FileExistsError"  # streaming: two datasets created at the same instant pick the same shm prefix
-
-
-def run_with_retry(cmd: Sequence[str], log_path: Path, env: Mapping[str, str], attempts: int = 3) -> float:
-    """``run_logged``, retried when mosaicml-streaming lost a start-up race for its shared memory.
-
-    Two StreamingDatasets created in the same moment by different processes can pick the same
-    shared-memory prefix (``FileExistsError: ... _locals``); nothing was trained yet, so start again.
-    """
-    for attempt in range(1, attempts + 1):
-        try:
-            return run_logged(cmd, log_path, env)
-        except RuntimeError as error:
-            text = log_path.read_text(encoding="utf-8", errors="replace")
-            if attempt == attempts or SHM_RACE not in text or "_locals" not in text:
-                raise
-            print(f"streaming shared-memory race, retrying ({attempt}/{attempts - 1}): {error}".splitlines()[0],
-                  flush=True)
-            time.sleep(5 * attempt)
-    raise AssertionError("unreachable")
-
+# --------------------------------------------------------------------------------- data, base
 
 def prepare_data(mode: Mode, out: Path, env: Mapping[str, str]) -> dict[str, Any]:
     """Generate the splits and build the MDS corpus once (reused when the settings match)."""
     synth, corpus = out / "synth", out / "corpus"
-    gen_cmd = [sys.executable, "-m", "bench.quality_task.generate", _rel(synth), "--train", str(mode.n_train),
+    gen_cmd = [sys.executable, "-m", "bench.quality_task.generate", repo_relative(synth), "--train", str(mode.n_train),
                "--test", str(mode.n_test), "--seed", str(mode.data_seed)]
     for key, value in mode.difficulty:
         gen_cmd += [f"--{key.replace('_', '-')}", str(value)]
     build_cmd = [str(Path(sys.executable).parent / "remask-data"), "build", "--tokenizer", "assets/tiny-tokenizer",
                  "--max-seq-len", "128", "--overwrite", "--no-progress",
-                 "--source", f"synth=tinycot:{_rel(synth / 'train.jsonl')}", "--out", _rel(corpus)]
+                 "--source", f"synth=tinycot:{repo_relative(synth / 'train.jsonl')}", "--out", repo_relative(corpus)]
     stamp = out / "data.json"
     planned = {"generate": shlex.join(gen_cmd), "build": shlex.join(build_cmd)}
     if stamp.is_file() and json.loads(stamp.read_text()).get("commands") == planned \
@@ -197,7 +150,7 @@ def train_command(mode: Mode, method: str, seed: int, run_dir: Path, data_dir: P
     """``train.py`` for one run; ``base_hf=None`` trains the shared base itself (SFT from random init)."""
     spec = METHODS[method]
     cmd = [sys.executable, "train.py", RECIPE,
-           f"variables.data_dir={_rel(data_dir)}", f"variables.run_dir={_rel(run_dir)}",
+           f"variables.data_dir={repo_relative(data_dir)}", f"variables.run_dir={repo_relative(run_dir)}",
            f"run_name=quality-{method if base_hf else 'base'}-s{seed}", f"seed={seed}",
            f"max_duration={mode.steps if base_hf else mode.base_steps}ba", f"global_train_batch_size={mode.batch}",
            f"device_train_microbatch_size={mode.batch}",
@@ -205,14 +158,14 @@ def train_command(mode: Mode, method: str, seed: int, run_dir: Path, data_dir: P
     if base_hf is None:
         cmd += [f"model.config.{key}={value}" for key, value in mode.model]
     else:  # fine-tune the base's Hugging Face export, as the 3B recipes fine-tune StableLM
-        cmd += ["model.pretrained=true", f"model.pretrained_model_name_or_path={_rel(base_hf)}", "model.config=null",
+        cmd += ["model.pretrained=true", f"model.pretrained_model_name_or_path={repo_relative(base_hf)}", "model.config=null",
                 f"optimizer.lr={mode.lr}", *mode.extra]
     return cmd
 
 
 def eval_command(run_dir: Path, test_jsonl: Path, device: str, limit: int | None) -> list[str]:
-    cmd = [sys.executable, "-m", "bench.quality_task.lm_eval_task", _rel(run_dir / "hf"), "--test", _rel(test_jsonl),
-           "--out", _rel(run_dir / "eval.json"), "--samples", _rel(run_dir / "samples.jsonl"), "--device", device]
+    cmd = [sys.executable, "-m", "bench.quality_task.lm_eval_task", repo_relative(run_dir / "hf"), "--test", repo_relative(test_jsonl),
+           "--out", repo_relative(run_dir / "eval.json"), "--samples", repo_relative(run_dir / "samples.jsonl"), "--device", device]
     if limit is not None:
         cmd += ["--limit", str(limit)]
     return cmd
@@ -233,7 +186,7 @@ def prepare_base(mode: Mode, out: Path, env: Mapping[str, str], device: str) -> 
         old = json.loads(stamp.read_text())
         if old.get("train_command") == shlex.join(cmd) and old.get("eval_command") == shlex.join(ev_cmd) \
                 and (base_dir / "hf" / "config.json").is_file():
-            print(f"[base] reusing {_rel(stamp)}", flush=True)
+            print(f"[base] reusing {repo_relative(stamp)}", flush=True)
             return old
     if base_dir.exists():
         shutil.rmtree(base_dir)
@@ -251,49 +204,11 @@ def prepare_base(mode: Mode, out: Path, env: Mapping[str, str], device: str) -> 
               "n_test": evaluation["n"], "final_ce": tail_mean(curves.get("ce_full", [])),
               "steps": mode.base_steps, "train_seconds": round(seconds, 1), "eval_seconds": round(eval_seconds, 1),
               "train_command": shlex.join(cmd), "eval_command": shlex.join(ev_cmd),
-              "curves": {key: smooth(points, max(1, len(points) // 100)) for key, points in curves.items()}}
+              "curves": smoothed_curves(curves)}
     stamp.write_text(json.dumps(record, indent=2) + "\n")
     print(f"[base] accuracy {record['accuracy']:.3f}  answer NLL {record['answer_nll']:.3f}  "
           f"final CE {record['final_ce']:.4f}  ({seconds:.0f} s + {eval_seconds:.0f} s)", flush=True)
     return record
-
-
-# ------------------------------------------------------------------------------------- curves
-
-_METRIC_LINE = re.compile(r"^\[metric\]\[batch=(\d+)\]: loss/train/(\w+): (\S+)")
-
-
-def read_curves(log_path: Path) -> dict[str, list[tuple[int, float]]]:
-    """Per-batch loss terms from Composer's FileLogger (``[metric][batch=N]: loss/train/ce_full: X``).
-
-    Composer logs the loss of the batch that just finished under the batch counter before the
-    increment, so batch ``N`` here is the ``N+1``-th optimizer step.
-    """
-    curves: dict[str, dict[int, float]] = {}
-    with log_path.open(encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            match = _METRIC_LINE.match(line)
-            if match:
-                value = float(match.group(3))
-                if math.isfinite(value):
-                    curves.setdefault(match.group(2), {})[int(match.group(1)) + 1] = value
-    return {key: sorted(points.items()) for key, points in curves.items()}
-
-
-def smooth(points: Sequence[tuple[int, float]], window: int) -> list[list[float]]:
-    """Means over consecutive windows of ``window`` batches: ``[[last step, mean], ...]``."""
-    out = []
-    for start in range(0, len(points), window):
-        chunk = points[start:start + window]
-        out.append([chunk[-1][0], round(statistics.fmean(v for _, v in chunk), 5)])
-    return out
-
-
-def tail_mean(points: Sequence[tuple[int, float]], fraction: float = 0.1) -> float | None:
-    if not points:
-        return None
-    count = max(1, int(len(points) * fraction))
-    return statistics.fmean(v for _, v in points[-count:])
 
 
 # ------------------------------------------------------------------------------------- one run
@@ -309,7 +224,7 @@ def run_one(mode: Mode, method: str, seed: int, out: Path, shared: Path, device:
     if not fresh and record_path.is_file():
         old = json.loads(record_path.read_text())
         if old.get("train_command") == shlex.join(train_cmd) and old.get("eval_command") == shlex.join(ev_cmd):
-            print(f"[{method} seed {seed}] reusing {_rel(record_path)}", flush=True)
+            print(f"[{method} seed {seed}] reusing {repo_relative(record_path)}", flush=True)
             return old
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -335,7 +250,7 @@ def run_one(mode: Mode, method: str, seed: int, out: Path, shared: Path, device:
         "steps": ce[-1][0] if ce else None,
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(eval_seconds, 1),
         "train_command": shlex.join(train_cmd), "eval_command": shlex.join(ev_cmd),
-        "curves": {key: smooth(points, max(1, len(points) // 100)) for key, points in curves.items()},
+        "curves": smoothed_curves(curves),
         "lm_eval": evaluation["lm_eval"],
     }
     record_path.write_text(json.dumps(record, indent=2) + "\n")
@@ -345,13 +260,6 @@ def run_one(mode: Mode, method: str, seed: int, out: Path, shared: Path, device:
 
 
 # ------------------------------------------------------------------------------------- report
-
-def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
 
 def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per method: number of runs and (mean, std) of each headline number (sample std over seeds)."""
@@ -365,13 +273,6 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
     return summary
 
 
-def _fmt(pair: tuple[float | None, float | None], scale: float = 1.0, digits: int = 1) -> str:
-    mean, std = pair
-    if mean is None:
-        return "–"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
-
-
 def format_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
     lines = ["| method | runs | accuracy, strict (%) | accuracy, last number (%) | gold response NLL (nats) | "
              "answer NLL (nats) | answer greedy given gold rationale (%) | final CE | final divergence | "
@@ -379,11 +280,11 @@ def format_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for entry in summary.values():
         lines.append(
-            f"| {entry['label']} | {entry['runs']} | {_fmt(entry['accuracy'], 100)} | "
-            f"{_fmt(entry['accuracy_flexible'], 100)} | {_fmt(entry['response_nll'], 1, 3)} | "
-            f"{_fmt(entry['answer_nll'], 1, 4)} | "
-            f"{_fmt(entry['answer_teacher_forced_acc'], 100)} | {_fmt(entry['final_ce'], 1, 4)} | "
-            f"{_fmt(entry['final_divergence'], 1, 4)} | {_fmt(entry['train_seconds'], 1, 0)} |")
+            f"| {entry['label']} | {entry['runs']} | {format_mean_std(entry['accuracy'], 100)} | "
+            f"{format_mean_std(entry['accuracy_flexible'], 100)} | {format_mean_std(entry['response_nll'], 1, 3)} | "
+            f"{format_mean_std(entry['answer_nll'], 1, 4)} | "
+            f"{format_mean_std(entry['answer_teacher_forced_acc'], 100)} | {format_mean_std(entry['final_ce'], 1, 4)} | "
+            f"{format_mean_std(entry['final_divergence'], 1, 4)} | {format_mean_std(entry['train_seconds'], 1, 0)} |")
     return "\n".join(lines)
 
 
@@ -499,11 +400,8 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
 
 
 def report(results: Mapping[str, Any], results_dir: Path) -> str:
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "quality.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    text = write_markdown(results, results_dir / "quality.md")
-    plot(results, results_dir / "quality.png")
-    return text
+    """``quality.json``, ``quality.md`` and ``quality.png`` in ``results_dir``; the Markdown."""
+    return write_report(results, results_dir, "quality", write_markdown, plot)
 
 
 # --------------------------------------------------------------------------------------- main
@@ -520,7 +418,20 @@ def _mode_from_args(args: argparse.Namespace) -> Mode:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/quality.py", description=__doc__.split("\n\n")[0])
+    parser = _parser()
+    args = parser.parse_args(argv)
+    command = "python -m bench.quality" + "".join(f" {shlex.quote(a)}" for a in
+                                                  (argv if argv is not None else sys.argv[1:]))
+    if args.regime == "epochs" or args.base != "tiny" or args.grid:
+        return _main_epochs(args, parser, command)
+    for option, value in (("--base-data", args.base_data), ("--ops", args.ops)):
+        if value is not None:
+            parser.error(f"{option} belongs to the multi-epoch regime (--regime epochs)")
+    return _main_steps(args, parser, command)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, few steps, 100 test problems (smoke)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of %(default)s")
@@ -567,13 +478,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     epochs.add_argument("--label", default="", help="a line printed at the top of the results (e.g. 'PILOT ...')")
     epochs.add_argument("--collect", nargs="+", metavar="RUN_DIR",
                         help="rebuild the report from finished run folders (<cell>-s<seed>) instead of running")
-    args = parser.parse_args(argv)
-    if args.regime == "epochs" or args.base != "tiny" or args.grid:
-        return _main_epochs(args, parser, argv)
-    for option, value in (("--base-data", args.base_data), ("--ops", args.ops)):
-        if value is not None:
-            parser.error(f"{option} belongs to the multi-epoch regime (--regime epochs)")
+    return parser
 
+
+def _main_steps(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> int:
+    """The one-pass regime: data and the shared base once, then every method x seed, then the report."""
     out = Path(args.out or ("runs/quality-quick" if args.quick else "runs/quality"))
     out = out if out.is_absolute() else REPO / out
     results_dir = Path(args.results) if args.results else (out if args.quick else REPO / "bench" / "results")
@@ -581,7 +490,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = json.loads((results_dir / "quality.json").read_text())
         print(report(results, results_dir))
         return 0
+    mode, methods = _mode_and_methods(args, parser)
+    jobs = args.jobs or (2 if args.device == "cpu" else 1)
+    threads = args.threads if args.device == "cpu" else max(args.threads, 4)
+    env = subprocess_env(threads, args.device)
 
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    from composer_remask.tools.shared_memory import clean_unused_streaming_shared_memory
+
+    clean_unused_streaming_shared_memory()
+    shared, data, base = _data_and_base(args, parser, mode, out, env)
+    print(f"data: {data['rows_written']} training rows ({data['tokens']} tokens), "
+          f"{mode.n_test} held-out, base accuracy {base['accuracy']:.3f} -> {repo_relative(shared)}", flush=True)
+
+    # Interleave methods within each seed, so a grid cut short still compares like with like.
+    failures: list[str] = []
+    records = run_all(jobs, [(f"{method} seed {seed}",
+                              functools.partial(run_one, mode, method, seed, out, shared, args.device, env, args.fresh,
+                                                None))
+                             for seed in mode.seeds for method in methods], failures)
+    wall = time.monotonic() - started
+
+    settings = {
+        "schema": SCHEMA, "mode": mode.name, "command": command, "seeds": list(mode.seeds), "methods": methods,
+        "steps": mode.steps, "base_steps": mode.base_steps, "lr": mode.lr, "base_seed": mode.base_seed,
+        "batch": mode.batch, "n_train": mode.n_train, "n_test": mode.n_test,
+        "data_seed": mode.data_seed, "difficulty": data["meta"]["difficulty"],
+        "method_settings": {m: dict(METHODS[m]) for m in methods}, "extra_overrides": list(mode.extra),
+        "model": _model_summary(mode), "recipe": RECIPE, "device": args.device, "jobs": jobs, "threads": threads,
+        "wall_seconds": round(wall, 1), "data": data, "machine": machine(args.device),
+    }
+    results = {"settings": settings, "summary": summarize(records), "base": base, "runs": records}
+    if records:
+        print(report(results, results_dir))
+        print(f"results: {repo_relative(results_dir)}/quality.json, quality.md, quality.png  "
+              f"(grid wall time {wall / 60:.1f} min)")
+    if failures:
+        print("failed runs:\n" + "\n".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _mode_and_methods(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[Mode, list[str]]:
+    """The mode the options describe, and the methods to run (the method settings follow the options)."""
     mode = _mode_from_args(args)
     if args.set:
         mode = dataclasses.replace(mode, extra=tuple(args.set))
@@ -594,64 +546,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown method(s) {unknown}; known: {', '.join(METHODS)}")
-    jobs = args.jobs or (2 if args.device == "cpu" else 1)
-    threads = args.threads if args.device == "cpu" else max(args.threads, 4)
-    env = _env(threads, args.device)
+    return mode, methods
 
-    started = time.monotonic()
-    out.mkdir(parents=True, exist_ok=True)
-    from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory
 
-    clean_unused_streaming_shared_memory()
+def _data_and_base(args: argparse.Namespace, parser: argparse.ArgumentParser, mode: Mode, out: Path,
+                   env: Mapping[str, str]) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """The folder holding data and base, the data record and the base record: made in ``out``, or an
+    earlier grid's (``--base-from``, for ablations)."""
     if args.base_from:  # an ablation: fine-tune the base of an earlier grid, on its data
         shared = Path(args.base_from) if Path(args.base_from).is_absolute() else REPO / args.base_from
         data = json.loads((shared / "data.json").read_text())
         base = json.loads((shared / "base" / "record.json").read_text())
         if not (shared / "base" / "hf" / "config.json").is_file():
             parser.error(f"--base-from {args.base_from}: no base export under it (run the grid there first)")
-    else:
-        shared = out
-        data = prepare_data(mode, out, env)
-        if args.fresh and (out / "base").exists():
-            shutil.rmtree(out / "base")
-        base = prepare_base(mode, out, env, args.device)
-    print(f"data: {data['rows_written']} training rows ({data['tokens']} tokens), "
-          f"{mode.n_test} held-out, base accuracy {base['accuracy']:.3f} -> {_rel(shared)}", flush=True)
-
-    # Interleave methods within each seed, so a grid cut short still compares like with like.
-    plan = [(method, seed) for seed in mode.seeds for method in methods]
-    records: list[dict[str, Any]] = []
-    failures: list[str] = []
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_one, mode, method, seed, out, shared, args.device, env, args.fresh, None):
-                   (method, seed) for method, seed in plan}
-        for future, (method, seed) in futures.items():
-            try:
-                records.append(future.result())
-            except Exception as error:  # keep the other runs; report at the end
-                failures.append(f"{method} seed {seed}: {error}")
-                print(f"[{method} seed {seed}] FAILED: {error}", file=sys.stderr, flush=True)
-    wall = time.monotonic() - started
-
-    command = "python bench/quality.py" + ("".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])))
-    settings = {
-        "schema": SCHEMA, "mode": mode.name, "command": command, "seeds": list(mode.seeds), "methods": methods,
-        "steps": mode.steps, "base_steps": mode.base_steps, "lr": mode.lr, "base_seed": mode.base_seed,
-        "batch": mode.batch, "n_train": mode.n_train, "n_test": mode.n_test,
-        "data_seed": mode.data_seed, "difficulty": data["meta"]["difficulty"],
-        "method_settings": {m: dict(METHODS[m]) for m in methods}, "extra_overrides": list(mode.extra),
-        "model": _model_summary(mode), "recipe": RECIPE, "device": args.device, "jobs": jobs, "threads": threads,
-        "wall_seconds": round(wall, 1), "data": data,
-        "machine": f"{platform.machine()} {os.cpu_count()} CPUs" + (f" ({_gpu_name()})" if args.device == "cuda" else ""),
-    }
-    results = {"settings": settings, "summary": summarize(records), "base": base, "runs": records}
-    if records:
-        print(report(results, results_dir))
-        print(f"results: {_rel(results_dir)}/quality.json, quality.md, quality.png  (grid wall time {wall / 60:.1f} min)")
-    if failures:
-        print("failed runs:\n" + "\n".join(failures), file=sys.stderr)
-        return 1
-    return 0
+        return shared, data, base
+    data = prepare_data(mode, out, env)
+    if args.fresh and (out / "base").exists():
+        shutil.rmtree(out / "base")
+    return out, data, prepare_base(mode, out, env, args.device)
 
 
 def _operations(text: str) -> bool:
@@ -665,10 +577,34 @@ def _operations(text: str) -> bool:
     return 1 <= low <= high
 
 
-def _main_epochs(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+def _main_epochs(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> int:
     """``--regime epochs`` (or ``--base NAME``): the multi-epoch sweep of bench/quality_task/sweep.py."""
-    if str(REPO) not in sys.path:  # run as a script: bench/ is on the path, the repository root is not
-        sys.path.insert(0, str(REPO))
+    from bench.quality_task import sweep
+
+    regime = _epochs_regime(args, parser)
+    suffix = f"-{args.grid}" if args.grid else "" if args.base == "tiny" else f"-{args.base}"
+    out = Path(args.out or f"runs/quality-epochs{suffix}{'-quick' if args.quick else ''}")
+    out = out if out.is_absolute() else REPO / out
+    results_dir = Path(args.results) if args.results else (
+        out if args.quick else REPO / "bench" / "results" / (args.grid or f"epochs{suffix}"))
+    if args.report_only:
+        if (results_dir / "settings.json").is_file():  # a grid that keeps one record per finished run
+            print(sweep.report_from_records(results_dir))
+            return 0
+        results = json.loads((results_dir / "quality_epochs.json").read_text())
+        print(sweep.report(results, results_dir))
+        return 0
+    if args.collect:
+        return sweep.collect(regime, [Path(d) for d in args.collect], results_dir=results_dir, device=args.device,
+                             command=command, label=args.label)
+    jobs = args.jobs or (2 if args.device == "cpu" else 3)
+    threads = args.threads if args.device == "cpu" else max(args.threads, 4)
+    return sweep.run(regime, out=out, results_dir=results_dir, device=args.device, jobs=jobs, threads=threads,
+                     fresh=args.fresh, command=command, label=args.label)
+
+
+def _epochs_regime(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
+    """The sweep's regime: a named grid, a pretrained base's, or the tiny base's, changed by the options."""
     from bench.quality_task import sweep
 
     if args.grid:
@@ -716,28 +652,7 @@ def _main_epochs(args: argparse.Namespace, parser: argparse.ArgumentParser, argv
         changes["lr_pilot"] = ()   # a rate given by hand replaces the pilot that would choose it
     if args.set:
         changes["extra"] = tuple(args.set)
-    regime = dataclasses.replace(regime, **changes)
-    suffix = f"-{args.grid}" if args.grid else "" if args.base == "tiny" else f"-{args.base}"
-    out = Path(args.out or f"runs/quality-epochs{suffix}{'-quick' if args.quick else ''}")
-    out = out if out.is_absolute() else REPO / out
-    results_dir = Path(args.results) if args.results else (
-        out if args.quick else REPO / "bench" / "results" / (args.grid or f"epochs{suffix}"))
-    if args.report_only:
-        if (results_dir / "settings.json").is_file():  # a grid that keeps one record per finished run
-            print(sweep.report_from_records(results_dir))
-            return 0
-        results = json.loads((results_dir / "quality_epochs.json").read_text())
-        print(sweep.report(results, results_dir))
-        return 0
-    command = "python bench/quality.py" + "".join(f" {shlex.quote(a)}" for a in
-                                                  (argv if argv is not None else sys.argv[1:]))
-    if args.collect:
-        return sweep.collect(regime, [Path(d) for d in args.collect], results_dir=results_dir, device=args.device,
-                             command=command, label=args.label)
-    jobs = args.jobs or (2 if args.device == "cpu" else 3)
-    threads = args.threads if args.device == "cpu" else max(args.threads, 4)
-    return sweep.run(regime, out=out, results_dir=results_dir, device=args.device, jobs=jobs, threads=threads,
-                     fresh=args.fresh, command=command, label=args.label)
+    return dataclasses.replace(regime, **changes)
 
 
 def _model_summary(mode: Mode) -> str:
@@ -747,15 +662,6 @@ def _model_summary(mode: Mode) -> str:
     config.update(dict(mode.model))
     return (f"StableLM-style, hidden {config['hidden_size']}, {config['num_hidden_layers']} layers, "
             f"{config['num_attention_heads']} heads; the shared base starts from random init")
-
-
-def _gpu_name() -> str:
-    try:
-        import torch
-
-        return torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - informational only
-        return "cuda"
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ if [ -n "$foundry_pid" ]; then
 fi
 
 # What crashed streaming runs left in /dev/shm, never the segments of a run going on beside the tests.
-.venv/bin/python -c "from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory as c; c()"
+.venv/bin/python -c "from composer_remask.tools.shared_memory import clean_unused_streaming_shared_memory as c; c()"
 if [ "$#" -eq 0 ]; then
   set -- -m "not gpu"
 fi

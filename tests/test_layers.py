@@ -27,7 +27,7 @@ UNITS = {
     "data_load": ("data.collator", "data.dataset"),
     "checkpoints": ("checkpoints",),
     "integration": ("", "train", "export", "evaluate", "foundry"),
-    "tools": ("tools", "pretrained", "data.shared_memory"),
+    "tools": ("tools",),
 }
 ALLOWED = {
     "contract": {"contract"},

@@ -1,7 +1,7 @@
 """The multi-epoch regime of the quality benchmark: a small training set seen for several epochs,
 a sweep of mask rate x divergence weight (and divergence), several seeds per cell.
 
-``python bench/quality.py --regime epochs [...]`` runs it (see bench/quality.py). Every step is a
+``python -m bench.quality --regime epochs [...]`` runs it (see bench/quality.py). Every step is a
 subprocess of the project's real pipeline:
 
 1. data: ``generate`` writes the fine-tuning problems (``--style words``, a small ``train.jsonl``, a
@@ -25,9 +25,8 @@ best mean validation accuracy at its val-chosen epochs. Test numbers are reporte
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -35,9 +34,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from bench.quality_task import common
 
 RECIPE = "yamls/quality_epochs.yaml"
 # The tiny base is plain SFT from random init, as in the one-pass regime (the recipe's own default is ReMask).
@@ -156,27 +156,19 @@ REGIMES = {
 }
 
 
-def _quality():
-    from bench import quality
-
-    return quality
-
-
 # ------------------------------------------------------------------------------------- data, base
 
 def _generate(out: Path, train: int, val: int, test: int, seed: int, steps: str, style: str,
               exclude: Path | None = None) -> list[str]:
-    q = _quality()
-    return [sys.executable, "-m", "bench.quality_task.generate", q._rel(out), "--train", str(train),
+    return [sys.executable, "-m", "bench.quality_task.generate", common.repo_relative(out), "--train", str(train),
             "--val", str(val), "--test", str(test), "--seed", str(seed), "--steps", steps, "--style", style,
-            *(["--exclude", q._rel(exclude)] if exclude is not None else [])]
+            *(["--exclude", common.repo_relative(exclude)] if exclude is not None else [])]
 
 
 def _build(tokenizer: str, jsonl: Path, corpus: Path) -> list[str]:
-    q = _quality()
     return [str(Path(sys.executable).parent / "remask-data"), "build", "--tokenizer", tokenizer, "--max-seq-len",
-            "128", "--overwrite", "--no-progress", "--source", f"synth=tinycot:{q._rel(jsonl)}", "--out",
-            q._rel(corpus)]
+            "128", "--overwrite", "--no-progress", "--source", f"synth=tinycot:{common.repo_relative(jsonl)}", "--out",
+            common.repo_relative(corpus)]
 
 
 def _stamped(stamp: Path, planned: Mapping[str, Any], make: Any) -> dict[str, Any]:
@@ -193,26 +185,24 @@ def _stamped(stamp: Path, planned: Mapping[str, Any], make: Any) -> dict[str, An
 
 def base_train_command(regime: Regime, base_dir: Path) -> list[str]:
     """``train.py`` for the tiny base: plain SFT from random init on the base's own problems."""
-    q = _quality()
-    return [sys.executable, "train.py", "yamls/quality_tiny.yaml", f"variables.data_dir={q._rel(base_dir / 'corpus')}",
-            f"variables.run_dir={q._rel(base_dir)}", "run_name=quality-epochs-base", f"seed={regime.base_seed}",
+    return [sys.executable, "train.py", "yamls/quality_tiny.yaml", f"variables.data_dir={common.repo_relative(base_dir / 'corpus')}",
+            f"variables.run_dir={common.repo_relative(base_dir)}", "run_name=quality-epochs-base", f"seed={regime.base_seed}",
             f"max_duration={regime.base_steps}ba", *BASE_IS_SFT]
 
 
 def prepare_base(regime: Regime, out: Path, env: Mapping[str, str], device: str) -> dict[str, Any]:
     """The base every run fine-tunes: ``out/base/hf`` and its tokenizer."""
-    q = _quality()
     base_dir = out / "base"
     if regime.base != "tiny":
         def make() -> dict[str, Any]:
-            from composer_remask.pretrained import import_gguf
+            from composer_remask.tools.gguf import import_gguf
 
             start = time.monotonic()
             record = import_gguf(regime.base, base_dir / "hf", overwrite=True)
             return {"import": record, "seconds": round(time.monotonic() - start, 1)}
 
         info = _stamped(base_dir / "record.json", {"base": regime.base}, make)
-        return {**info, "hf": str(base_dir / "hf"), "tokenizer": q._rel(base_dir / "hf")}
+        return {**info, "hf": str(base_dir / "hf"), "tokenizer": common.repo_relative(base_dir / "hf")}
 
     style, _, operations = regime.base_data.partition(":")
     gen = _generate(base_dir / "synth", regime.base_n_train, 0, 0, regime.base_seed, operations, style)
@@ -222,13 +212,13 @@ def prepare_base(regime: Regime, out: Path, env: Mapping[str, str], device: str)
     def make() -> dict[str, Any]:
         if base_dir.exists():
             shutil.rmtree(base_dir)
-        seconds = q.run_logged(gen, base_dir / "generate.log", env)
-        seconds += q.run_logged(build, base_dir / "build.log", env)
+        seconds = common.run_logged(gen, base_dir / "generate.log", env)
+        seconds += common.run_logged(build, base_dir / "build.log", env)
         print(f"[base] training: {shlex.join(train)}", flush=True)
-        train_seconds = q.run_with_retry(train, base_dir / "train.log", env)
+        train_seconds = common.run_with_retry(train, base_dir / "train.log", env)
         shutil.rmtree(base_dir / "corpus", ignore_errors=True)
-        curves = q.read_curves(base_dir / "train_log.txt")
-        return {"seconds": round(seconds + train_seconds, 1), "final_ce": q.tail_mean(curves.get("ce_full", []))}
+        curves = common.read_curves(base_dir / "train_log.txt")
+        return {"seconds": round(seconds + train_seconds, 1), "final_ce": common.tail_mean(curves.get("ce_full", []))}
 
     planned = {"generate": shlex.join(gen), "build": shlex.join(build), "train": shlex.join(train)}
     info = _stamped(base_dir / "record.json", planned, make)
@@ -236,7 +226,6 @@ def prepare_base(regime: Regime, out: Path, env: Mapping[str, str], device: str)
 
 
 def prepare_data(regime: Regime, out: Path, tokenizer: str, env: Mapping[str, str]) -> dict[str, Any]:
-    q = _quality()
     synth, corpus = out / "synth", out / "corpus"
     # The tiny base's own training problems are never fine-tuning, validation or test problems.
     base_rows = out / "base" / "synth" / "train.jsonl"
@@ -245,8 +234,8 @@ def prepare_data(regime: Regime, out: Path, tokenizer: str, env: Mapping[str, st
     build = _build(tokenizer, synth / "train.jsonl", corpus)
 
     def make() -> dict[str, Any]:
-        seconds = q.run_logged(gen, out / "logs" / "generate.log", env)
-        seconds += q.run_logged(build, out / "logs" / "build.log", env)
+        seconds = common.run_logged(gen, out / "logs" / "generate.log", env)
+        seconds += common.run_logged(build, out / "logs" / "build.log", env)
         manifest = json.loads((corpus / "manifest.json").read_text())
         return {"seconds": round(seconds, 1), "meta": json.loads((synth / "meta.json").read_text()),
                 "tokens": manifest["sources"]["synth"]["tokens"]["total"],
@@ -262,14 +251,13 @@ def prepare_data(regime: Regime, out: Path, tokenizer: str, env: Mapping[str, st
 
 def train_command(regime: Regime, cell: Cell, seed: int, run_dir: Path, data_dir: Path, out: Path,
                   base: Mapping[str, Any], device: str) -> list[str]:
-    q = _quality()
-    cmd = [sys.executable, "train.py", RECIPE, f"variables.data_dir={q._rel(data_dir)}",
-           f"variables.run_dir={q._rel(run_dir)}", f"variables.val_jsonl={q._rel(out / 'synth' / 'val.jsonl')}",
-           f"variables.test_jsonl={q._rel(out / 'synth' / 'test.jsonl')}", f"run_name=quality-epochs-{run_dir.name}",
+    cmd = [sys.executable, "train.py", RECIPE, f"variables.data_dir={common.repo_relative(data_dir)}",
+           f"variables.run_dir={common.repo_relative(run_dir)}", f"variables.val_jsonl={common.repo_relative(out / 'synth' / 'val.jsonl')}",
+           f"variables.test_jsonl={common.repo_relative(out / 'synth' / 'test.jsonl')}", f"run_name=quality-epochs-{run_dir.name}",
            f"seed={seed}", f"max_duration={regime.epochs}ep", f"global_train_batch_size={regime.batch}",
            f"device_train_microbatch_size={regime.batch}", f"optimizer.lr={regime.lr}",
            *cell.switches(), "model.pretrained=true",
-           f"model.pretrained_model_name_or_path={q._rel(Path(base['hf']))}", "model.config=null",
+           f"model.pretrained_model_name_or_path={common.repo_relative(Path(base['hf']))}", "model.config=null",
            f"tokenizer.name={base['tokenizer']}", "export_folder=null",
            f"callbacks.quality_epoch_eval.max_new_tokens={regime.max_new_tokens}",
            f"callbacks.quality_epoch_eval.test_at={regime.test_at}", f"callbacks.quality_epoch_eval.metric={regime.metric}"]
@@ -309,9 +297,8 @@ def build_record(cell: Cell, seed: int, run_dir: Path, metric: str, seconds: flo
     Accuracy by chain length uses ``by_length_metric`` (default: ``metric`` where the evaluation
     recorded it, else strict).
     """
-    q = _quality()
     evaluations = read_epochs(run_dir / "epochs.jsonl")
-    curves = q.read_curves(run_dir / "train_log.txt")
+    curves = common.read_curves(run_dir / "train_log.txt")
     final, chosen = evaluations[-1], val_chosen(evaluations, metric)
     tested = _with_test(evaluations)
     if "test" not in final or "test" not in chosen:
@@ -340,10 +327,10 @@ def build_record(cell: Cell, seed: int, run_dir: Path, metric: str, seconds: flo
         "test_by_length_final": final["test"][by_length],
         "step_acc_teacher_forced_final": final["test"]["step_acc_teacher_forced"],
         "examples": final["test"]["examples"],
-        "final_ce": q.tail_mean(curves.get("ce_full", [])), "final_divergence": q.tail_mean(curves.get("divergence", [])),
+        "final_ce": common.tail_mean(curves.get("ce_full", [])), "final_divergence": common.tail_mean(curves.get("divergence", [])),
         "train_seconds": round(max(0.0, seconds - eval_seconds), 1), "eval_seconds": round(eval_seconds, 1),
         "run_seconds": round(seconds, 1), "train_command": command,
-        "curves": {key: q.smooth(points, max(1, len(points) // 100)) for key, points in curves.items()},
+        "curves": common.smoothed_curves(curves),
     }
 
 
@@ -354,16 +341,15 @@ def _correct(split: Mapping[str, Any], metric: str) -> list[int] | None:
 def build_pilot_record(cell: Cell, seed: int, lr: float, run_dir: Path, metric: str, seconds: float,
                        command: str) -> dict[str, Any]:
     """A learning-rate pilot run (validation only): its curve and the score that chooses the rate."""
-    q = _quality()
     evaluations = read_epochs(run_dir / "epochs.jsonl")
-    curves = q.read_curves(run_dir / "train_log.txt")
+    curves = common.read_curves(run_dir / "train_log.txt")
     chosen = val_chosen(evaluations, metric)
     eval_seconds = sum(e["val"].get("seconds", 0.0) for e in evaluations)
     return {"cell": cell.name, "seed": seed, "lr": lr, "metric": metric,
             "val_by_epoch": {str(e["epoch"]): e["val"][metric] for e in evaluations},
             "val_chosen_epoch": chosen["epoch"], "val_at_chosen": chosen["val"][metric],
-            "final_ce": q.tail_mean(curves.get("ce_full", [])),
-            "ce_by_epoch_end": q.smooth(curves.get("ce_full", []), max(1, len(curves.get("ce_full", [])) // 6)),
+            "final_ce": common.tail_mean(curves.get("ce_full", [])),
+            "ce_by_epoch_end": common.smooth(curves.get("ce_full", []), max(1, len(curves.get("ce_full", [])) // 6)),
             "train_seconds": round(max(0.0, seconds - eval_seconds), 1), "eval_seconds": round(eval_seconds, 1),
             "train_command": command, **run_provenance()}
 
@@ -371,7 +357,7 @@ def build_pilot_record(cell: Cell, seed: int, lr: float, run_dir: Path, metric: 
 def run_provenance() -> dict[str, Any]:
     """The commit the run's code came from (a grid runs from its own clone at a fixed commit)."""
     def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=_quality().REPO, capture_output=True, text=True)
+        done = subprocess.run(["git", *args], cwd=common.REPO, capture_output=True, text=True)
         return done.stdout.strip() if done.returncode == 0 else ""
 
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
@@ -390,7 +376,6 @@ def run_one(regime: Regime, cell: Cell, seed: int, out: Path, base: Mapping[str,
     The record is written to the run folder and, when given, to ``records_dir/<name>.json``, where a
     later start (another session, another clone) finds it and does not run it again.
     """
-    q = _quality()
     name = f"{cell.name}-lr{pilot_lr:g}-s{seed}" if pilot_lr is not None else f"{cell.name}-s{seed}"
     run_dir = out / ("lr-pilot" if pilot_lr is not None else "runs") / name
     if pilot_lr is not None:
@@ -401,14 +386,14 @@ def run_one(regime: Regime, cell: Cell, seed: int, out: Path, base: Mapping[str,
     for path in kept if not fresh else []:
         old = json.loads(path.read_text())
         if _same_run(old, cmd):
-            print(f"[{name}] reusing {q._rel(path)}", flush=True)
+            print(f"[{name}] reusing {common.repo_relative(path)}", flush=True)
             return old
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     shutil.copytree(out / "corpus", run_dir / "corpus")  # StreamingDataset wants a private local folder
     print(f"[{name}] training: {shlex.join(cmd)}", flush=True)
-    seconds = q.run_with_retry(cmd, run_dir / "train.log", env)
+    seconds = common.run_with_retry(cmd, run_dir / "train.log", env)
     shutil.rmtree(run_dir / "corpus", ignore_errors=True)
     if pilot_lr is not None:
         record = build_pilot_record(cell, seed, pilot_lr, run_dir, regime.metric, seconds, shlex.join(cmd))
@@ -435,25 +420,28 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]
     keys = ("test_final", "val_final", "test_final_strict", "test_final_flexible", "test_at_chosen", "val_at_chosen",
             "val_chosen_epoch", "test_peak", "test_peak_epoch", "step_acc_teacher_forced_final", "final_ce",
             "final_divergence", "train_seconds")
-    _mean_std = _quality().mean_std  # one definition, in bench/quality.py
     summary: dict[str, dict[str, Any]] = {}
     for name in [c for c in CELLS if any(r["cell"] == c for r in records)]:
         runs = [r for r in records if r["cell"] == name]
         epochs = sorted({e["epoch"] for r in runs for e in r["epochs"]})
         lengths = sorted({int(k) for r in runs for k in r["test_by_length_final"]})
         summary[name] = {
-            "label": CELLS[name].label, "runs": len(runs), **{k: _mean_std([r.get(k) for r in runs]) for k in keys},
-            "test_by_epoch": {str(ep): _mean_std([e["test"][r.get("metric", "accuracy")] for r in runs
+            "label": CELLS[name].label, "runs": len(runs), **{k: common.mean_std([r.get(k) for r in runs]) for k in keys},
+            "test_by_epoch": {str(ep): common.mean_std([e["test"][r.get("metric", "accuracy")] for r in runs
                                                   for e in r["epochs"] if e["epoch"] == ep and "test" in e])
                               for ep in epochs},
-            "val_by_epoch": {str(ep): _mean_std([e["val"][r.get("metric", "accuracy")] for r in runs
+            "val_by_epoch": {str(ep): common.mean_std([e["val"][r.get("metric", "accuracy")] for r in runs
                                                  for e in r["epochs"] if e["epoch"] == ep]) for ep in epochs},
-            "test_by_length_final": {str(n): _mean_std([r["test_by_length_final"].get(str(n)) for r in runs])
+            "test_by_length_final": {str(n): common.mean_std([r["test_by_length_final"].get(str(n)) for r in runs])
                                      for n in lengths},
-            "predicted_by_length_final": {str(n): _mean_std([r["step_acc_teacher_forced_final"] ** n for r in runs])
+            "predicted_by_length_final": {str(n): common.mean_std([r["step_acc_teacher_forced_final"] ** n for r in runs])
                                           for n in lengths},
         }
     return summary
+
+
+def _percent(pair: tuple[float | None, float | None]) -> str:
+    return common.format_mean_std(pair, 100)
 
 
 def best_cell(summary: Mapping[str, Mapping[str, Any]]) -> str | None:
@@ -462,66 +450,24 @@ def best_cell(summary: Mapping[str, Mapping[str, Any]]) -> str | None:
     return max(scored)[1] if scored else None
 
 
-def _pct(pair: tuple[float | None, float | None]) -> str:
-    mean, std = pair
-    return "–" if mean is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
-
-
-def _num(pair: tuple[float | None, float | None], digits: int = 1) -> str:
-    mean, std = pair
-    return "–" if mean is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def write_markdown(results: Mapping[str, Any], path: Path) -> str:
     s, summary = results["settings"], results["summary"]
-    best = best_cell(summary)
-    metric = s.get("metric", "accuracy")
-    metric_text = ("strict: the number right after `<|answer|>`" if metric == "accuracy" else
-                   "flexible: the last number the model writes (a pretrained base answers in its own words "
-                   "before it learns to write the `<|answer|>` tag; the strict score is shown too)")
-    rows = ["| cell | runs | test acc, last epoch (%) | test acc at val-chosen epoch (%) | val acc at val-chosen "
-            "epoch (%) | val-chosen epoch | test peak (%) | test peak epoch | test strict / flexible, last epoch (%) "
-            "| teacher-forced step acc (%) | final CE | final divergence | train (s) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, e in summary.items():
-        mark = " **(best on val)**" if name == best else ""
-        rows.append(f"| {e['label']}{mark} | {e['runs']} | {_pct(e['test_final'])} | {_pct(e['test_at_chosen'])} | "
-                    f"{_pct(e['val_at_chosen'])} | {_num(e['val_chosen_epoch'])} | {_pct(e['test_peak'])} | "
-                    f"{_num(e['test_peak_epoch'])} | {_pct(e['test_final_strict'])} / {_pct(e['test_final_flexible'])} | "
-                    f"{_pct(e['step_acc_teacher_forced_final'])} | "
-                    f"{_num(e['final_ce'], 4)} | {_num(e['final_divergence'], 4)} | {_num(e['train_seconds'], 0)} |")
-    epochs = sorted({int(ep) for e in summary.values() for ep in e["test_by_epoch"]})
-    curve = ["| cell | " + " | ".join(f"ep {ep}" for ep in epochs) + " |", "| --- |" + " ---: |" * len(epochs)]
-    for e in summary.values():
-        curve.append(f"| {e['label']} | " + " | ".join(_pct(e["test_by_epoch"].get(str(ep), (None, None)))
-                                                     for ep in epochs) + " |")
-    lengths = sorted({int(n) for e in summary.values() for n in e["test_by_length_final"]})
-    by_len = ["| cell | " + " | ".join(f"L={n}: free-running / teacher-forced^L" for n in lengths) + " |",
-              "| --- |" + " ---: |" * len(lengths)]
-    for e in summary.values():
-        by_len.append(f"| {e['label']} | " + " | ".join(
-            f"{_pct(e['test_by_length_final'][str(n)])} / {_pct(e['predicted_by_length_final'][str(n)])}"
-            for n in lengths) + " |")
-    base = results.get("base", {})
-    base_text = (f"the GGUF `{s['base']}` imported with remask-import-gguf (weights dequantized to float32 from "
-                 f"{', '.join(base.get('import', {}).get('gguf_tensor_types', []))})" if s["base"] != "tiny" else
-                 f"a tiny StableLM (`yamls/quality_tiny.yaml`) trained from random init with {_base_method(base)} "
-                 f"for {s['base_steps']} steps "
-                 f"on {s['base_n_train']} {_base_data_text(s.get('base_data', 'symbols:1-5'))}, then fine-tuned on "
-                 "worded prompts")
+    by_length_metric = results["runs"][0].get("by_length_metric", "accuracy")
+    by_length_name = by_length_metric.replace("accuracy_flexible", "flexible").replace("accuracy", "strict")
     text = "\n".join([
         f"# Quality benchmark, multi-epoch regime ({s['mode']})",
         "",
         *([f"**{s['label']}**", ""] if s.get("label") else []),
-        f"Fine-tuning {base_text}, for {s['epochs']} epochs over {s['n_train']} problems "
+        f"Fine-tuning {_base_text(s, results.get('base', {}))}, for {s['epochs']} epochs over {s['n_train']} problems "
         f"({s['steps']} operations; batch {s['batch']}, peak lr {s['lr']}, one-cycle cosine) with "
         f"`{RECIPE}`. Mean ± sample std over seeds {s['seeds']} (the seed sets data order and masks). "
         f"Validation: {s['n_val']} problems, used to choose the epoch and the best cell; test: {s['n_test']} "
         "problems, reported only.",
         "",
-        rows[0], rows[1], *rows[2:],
+        *_cell_table(summary),
         "",
-        f"- accuracy ({metric_text}) of greedy generations; the same metric chooses epochs and cells.",
+        f"- accuracy ({_METRIC_TEXT[s.get('metric', 'accuracy')]}) of greedy generations; the same metric chooses "
+        "epochs and cells.",
         "- val-chosen epoch: per run, the epoch with the best validation accuracy (early stopping); "
         "best on val: the cell with the best mean validation accuracy there.",
         "- teacher-forced step acc: share of rationale steps whose result the model predicts given the gold "
@@ -529,27 +475,19 @@ def write_markdown(results: Mapping[str, Any], path: Path) -> str:
         "",
         "## Test accuracy by epoch (mean ± std; epoch 0 = the base before fine-tuning)",
         "",
-        *curve,
+        *_epoch_table(summary),
         "",
-        f"## Exposure bias: test accuracy by chain length, last epoch "
-        f"({results['runs'][0].get('by_length_metric', 'accuracy').replace('accuracy_flexible', 'flexible').replace('accuracy', 'strict')})",
+        f"## Exposure bias: test accuracy by chain length, last epoch ({by_length_name})",
         "",
         "Free-running accuracy (the model conditions on its own earlier steps) next to teacher-forced step "
         "accuracy to the power L (what independent per-step errors at the gold-prefix rate would give). "
         "Free-running below the prediction, more so for longer chains, is exposure bias.",
         "",
-        *by_len,
+        *_chain_length_table(summary),
         "",
         *_paired_section(results),
         *_pilot_section(results.get("lr_pilot")),
-        (f"Device {s['device']}, {s['jobs']} run(s) at a time × {s['threads']} thread(s) on {s['machine']}; "
-         f"{s['runs_finished']} of {s['runs_planned']} planned runs finished; {s['run_seconds_total'] / 3600:.1f} h of "
-         "run time in all (each run's train and evaluation seconds are in its record)."
-         if s.get("runs_planned") is not None else
-         f"Device {s['device']}, {s['jobs']} run(s) at a time × {s['threads']} thread(s); wall time "
-         f"{s['wall_seconds'] / 60:.1f} min on {s['machine']}." if s.get("wall_seconds") is not None else
-         f"Device {s['device']} on {s['machine']}; runs collected from separate processes "
-         f"({', '.join(s.get('collected_from', []))}); each run's command is in the JSON (train_command)."),
+        _where_it_ran(s),
         "",
         f"Command: `{s['command']}`",
         "",
@@ -558,6 +496,77 @@ def write_markdown(results: Mapping[str, Any], path: Path) -> str:
     ])
     path.write_text(text, encoding="utf-8")
     return text
+
+
+_METRIC_TEXT = {
+    "accuracy": "strict: the number right after `<|answer|>`",
+    "accuracy_flexible": "flexible: the last number the model writes (a pretrained base answers in its own words "
+                         "before it learns to write the `<|answer|>` tag; the strict score is shown too)",
+}
+
+
+def _base_text(s: Mapping[str, Any], base: Mapping[str, Any]) -> str:
+    """What every cell fine-tunes: the imported GGUF, or the tiny base and how it was trained."""
+    if s["base"] != "tiny":
+        return (f"the GGUF `{s['base']}` imported with remask-import-gguf (weights dequantized to float32 from "
+                f"{', '.join(base.get('import', {}).get('gguf_tensor_types', []))})")
+    return (f"a tiny StableLM (`yamls/quality_tiny.yaml`) trained from random init with {_base_method(base)} "
+            f"for {s['base_steps']} steps "
+            f"on {s['base_n_train']} {_base_data_text(s.get('base_data', 'symbols:1-5'))}, then fine-tuned on "
+            "worded prompts")
+
+
+def _cell_table(summary: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """One row per cell: the headline numbers, the best cell on validation marked."""
+    best = best_cell(summary)
+    rows = ["| cell | runs | test acc, last epoch (%) | test acc at val-chosen epoch (%) | val acc at val-chosen "
+            "epoch (%) | val-chosen epoch | test peak (%) | test peak epoch | test strict / flexible, last epoch (%) "
+            "| teacher-forced step acc (%) | final CE | final divergence | train (s) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, e in summary.items():
+        mark = " **(best on val)**" if name == best else ""
+        rows.append(f"| {e['label']}{mark} | {e['runs']} | {_percent(e['test_final'])} | "
+                    f"{_percent(e['test_at_chosen'])} | {_percent(e['val_at_chosen'])} | "
+                    f"{common.format_mean_std(e['val_chosen_epoch'])} | {_percent(e['test_peak'])} | "
+                    f"{common.format_mean_std(e['test_peak_epoch'])} | {_percent(e['test_final_strict'])} / "
+                    f"{_percent(e['test_final_flexible'])} | {_percent(e['step_acc_teacher_forced_final'])} | "
+                    f"{common.format_mean_std(e['final_ce'], 1, 4)} | {common.format_mean_std(e['final_divergence'], 1, 4)} | "
+                    f"{common.format_mean_std(e['train_seconds'], 1, 0)} |")
+    return rows
+
+
+def _epoch_table(summary: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    epochs = sorted({int(ep) for e in summary.values() for ep in e["test_by_epoch"]})
+    rows = ["| cell | " + " | ".join(f"ep {ep}" for ep in epochs) + " |", "| --- |" + " ---: |" * len(epochs)]
+    for e in summary.values():
+        rows.append(f"| {e['label']} | " + " | ".join(_percent(e["test_by_epoch"].get(str(ep), (None, None)))
+                                                    for ep in epochs) + " |")
+    return rows
+
+
+def _chain_length_table(summary: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    lengths = sorted({int(n) for e in summary.values() for n in e["test_by_length_final"]})
+    rows = ["| cell | " + " | ".join(f"L={n}: free-running / teacher-forced^L" for n in lengths) + " |",
+            "| --- |" + " ---: |" * len(lengths)]
+    for e in summary.values():
+        rows.append(f"| {e['label']} | " + " | ".join(
+            f"{_percent(e['test_by_length_final'][str(n)])} / {_percent(e['predicted_by_length_final'][str(n)])}"
+            for n in lengths) + " |")
+    return rows
+
+
+def _where_it_ran(s: Mapping[str, Any]) -> str:
+    """Device, parallelism and time: of a grid kept as records, of one start, or of collected runs."""
+    if s.get("runs_planned") is not None:
+        return (f"Device {s['device']}, {s['jobs']} run(s) at a time × {s['threads']} thread(s) on {s['machine']}; "
+                f"{s['runs_finished']} of {s['runs_planned']} planned runs finished; "
+                f"{s['run_seconds_total'] / 3600:.1f} h of run time in all (each run's train and evaluation seconds "
+                "are in its record).")
+    if s.get("wall_seconds") is not None:
+        return (f"Device {s['device']}, {s['jobs']} run(s) at a time × {s['threads']} thread(s); wall time "
+                f"{s['wall_seconds'] / 60:.1f} min on {s['machine']}.")
+    return (f"Device {s['device']} on {s['machine']}; runs collected from separate processes "
+            f"({', '.join(s.get('collected_from', []))}); each run's command is in the JSON (train_command).")
 
 
 def _paired_section(results: Mapping[str, Any]) -> list[str]:
@@ -664,11 +673,8 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
 
 
 def report(results: Mapping[str, Any], results_dir: Path) -> str:
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "quality_epochs.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    text = write_markdown(results, results_dir / "quality_epochs.md")
-    plot(results, results_dir / "quality_epochs.png")
-    return text
+    """``quality_epochs.json``, ``.md`` and ``.png`` in ``results_dir``; the Markdown."""
+    return common.write_report(results, results_dir, "quality_epochs", write_markdown, plot)
 
 
 # ---------------------------------------------------------------------------------------- main
@@ -685,18 +691,19 @@ def collect(regime: Regime, run_dirs: Sequence[Path], *, results_dir: Path, devi
         parsed.append((CELLS[cell_name], int(seed), run_dir, old))
     # One chain-length metric for all runs: the regime's where every run recorded it, else strict.
     wanted = f"{regime.metric}_by_length"
-    common = regime.metric if all(wanted in read_epochs(d / "epochs.jsonl")[-1]["test"] for _, _, d, _ in parsed) \
+    length_metric = regime.metric if all(wanted in read_epochs(d / "epochs.jsonl")[-1]["test"] for _, _, d, _ in parsed) \
         else "accuracy"
     records = [build_record(cell, seed, d, regime.metric, old.get("run_seconds", old.get("train_seconds", 0.0)),
                             old.get("train_command", ""),
-                            by_length_metric=common) for cell, seed, d, old in parsed]
+                            by_length_metric=length_metric) for cell, seed, d, old in parsed]
     settings = {"schema": SCHEMA, "regime": "epochs", "mode": regime.name, "label": label, "command": command,
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(regime).items()
                    if k != "name"},
                 "cells": sorted({r["cell"] for r in records}, key=list(CELLS).index),
                 "seeds": sorted({r["seed"] for r in records}), "recipe": RECIPE, "device": device, "jobs": 1,
                 "threads": 1, "wall_seconds": None,
-                "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "collected_from": [str(d) for d in run_dirs]}
+                "machine": common.machine("cpu"),  # the collecting machine's CPUs; the runs ran elsewhere
+                "collected_from": [str(d) for d in run_dirs]}
     base_record = run_dirs[0].parents[1] / "base" / "record.json"   # <out>/runs/<cell>-s<seed>
     base = json.loads(base_record.read_text()) if base_record.is_file() else {}
     results = {"settings": settings, "summary": summarize(records), "base": base, "runs": records}
@@ -775,35 +782,27 @@ def report_from_records(results_dir: Path) -> str:
 
 def run(regime: Regime, *, out: Path, results_dir: Path, device: str, jobs: int, threads: int, fresh: bool,
         command: str, label: str = "") -> int:
-    q = _quality()
-    env = q._env(threads, device)
+    env = common.subprocess_env(threads, device)
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory
+    from composer_remask.tools.shared_memory import clean_unused_streaming_shared_memory
 
     clean_unused_streaming_shared_memory()
     base = prepare_base(regime, out, env, device)
     data = prepare_data(regime, out, base["tokenizer"], env)
     print(f"data: {data['rows_written']} training rows ({data['tokens']} tokens), {regime.n_val} val, "
-          f"{regime.n_test} test; base {regime.base} -> {q._rel(out)}", flush=True)
+          f"{regime.n_test} test; base {regime.base} -> {common.repo_relative(out)}", flush=True)
     failures: list[str] = []
 
-    def run_all(plan: Sequence[tuple[Cell, int, float | None]], records_dir: Path) -> list[dict[str, Any]]:
-        records = []
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {pool.submit(run_one, regime, cell, seed, out, base, device, env, fresh, records_dir, lr):
-                       (cell, seed, lr) for cell, seed, lr in plan}
-            for future, (cell, seed, lr) in futures.items():
-                try:
-                    records.append(future.result())
-                except Exception as error:  # keep the other runs; report at the end
-                    failures.append(f"{cell.name} seed {seed}{'' if lr is None else f' lr {lr:g}'}: {error}")
-                    print(f"[{cell.name} seed {seed}] FAILED: {error}", file=sys.stderr, flush=True)
-        return records
+    def run_cells(plan: Sequence[tuple[Cell, int, float | None]], records_dir: Path) -> list[dict[str, Any]]:
+        return common.run_all(jobs, [(f"{cell.name} seed {seed}{'' if lr is None else f' lr {lr:g}'}",
+                               functools.partial(run_one, regime, cell, seed, out, base, device, env, fresh,
+                                                 records_dir, lr))
+                              for cell, seed, lr in plan], failures)
 
     pilot: dict[str, Any] | None = None
     if regime.lr_pilot:
-        pilot_runs = run_all([(CELLS["sft"], 0, lr) for lr in regime.lr_pilot], results_dir / "lr_pilot")
+        pilot_runs = run_cells([(CELLS["sft"], 0, lr) for lr in regime.lr_pilot], results_dir / "lr_pilot")
         if len(pilot_runs) != len(regime.lr_pilot):
             print("failed runs:\n" + "\n".join(failures), file=sys.stderr)
             return 1
@@ -819,15 +818,15 @@ def run(regime: Regime, *, out: Path, results_dir: Path, device: str, jobs: int,
                    if k != "name"},
                 "cell_settings": {name: dataclasses.asdict(CELLS[name]) for name in regime.cells}, "recipe": RECIPE,
                 "device": device, "jobs": jobs, "threads": threads, "data": data, "base_record": base,
-                "machine": f"{platform.machine()} {os.cpu_count()} CPUs" + (f" ({q._gpu_name()})" if device == "cuda" else "")}
+                "machine": common.machine(device)}
     results_dir.mkdir(parents=True, exist_ok=True)
     (results_dir / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
-    records = run_all([(CELLS[name], seed, None) for seed in regime.seeds for name in regime.cells],
-                      results_dir / "runs")
+    records = run_cells([(CELLS[name], seed, None) for seed in regime.seeds for name in regime.cells],
+                        results_dir / "runs")
     wall = time.monotonic() - started
     if records:
         print(report_from_records(results_dir))
-        print(f"results: {q._rel(results_dir)}/quality_epochs.json, .md, .png  (this start: {wall / 60:.1f} min)")
+        print(f"results: {common.repo_relative(results_dir)}/quality_epochs.json, .md, .png  (this start: {wall / 60:.1f} min)")
     if failures:
         print("failed runs:\n" + "\n".join(failures), file=sys.stderr)
         return 1

@@ -1,6 +1,6 @@
 """The quality benchmark's pieces: the synthetic task generator, the lm-eval task files, the log
 parser and the report (table + plot) on made-up run records. The end-to-end grid itself
-(`python bench/quality.py --quick`) trains three models and takes minutes, so it is not run here."""
+(`python -m bench.quality --quick`) trains three models and takes minutes, so it is not run here."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from bench import quality  # noqa: E402
-from bench.quality_task.generate import (  # noqa: E402
+from bench import quality
+from bench.quality_task import common
+from bench.quality_task.generate import (
     STYLES,
     Difficulty,
     generate_splits,
@@ -23,10 +21,10 @@ from bench.quality_task.generate import (  # noqa: E402
     solve_prompt,
     write_splits,
 )
-from bench.quality_task.generate import main as generate_main  # noqa: E402
-from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory  # noqa: E402
-from tests.helpers.assets import TINY_TOKENIZER  # noqa: E402
-from tests.helpers.limits import CI_LIMIT_S  # noqa: E402
+from bench.quality_task.generate import main as generate_main
+from composer_remask.tools.shared_memory import clean_unused_streaming_shared_memory
+from tests.helpers.assets import REPO, TINY_TOKENIZER
+from tests.helpers.limits import CI_LIMIT_S
 
 
 def _check_rationale(row: dict[str, str]) -> None:
@@ -146,10 +144,10 @@ def test_read_curves_from_composer_file_log(tmp_path: Path) -> None:
                    "[metric][batch=0]: metrics/train/LanguageCrossEntropy: 7.0 \n"
                    "[metric][batch=1]: loss/train/ce_full: 6.0 \n"
                    "[metric][batch=1]: loss/train/divergence: 0.25 \n")
-    curves = quality.read_curves(log)
+    curves = common.read_curves(log)
     assert curves == {"total": [(1, 7.5)], "ce_full": [(1, 7.0), (2, 6.0)], "divergence": [(2, 0.25)]}
-    assert quality.smooth([(1, 1.0), (2, 3.0), (3, 5.0)], 2) == [[2, 2.0], [3, 5.0]]
-    assert quality.tail_mean([(i, float(i)) for i in range(1, 21)], 0.1) == 19.5
+    assert common.smooth([(1, 1.0), (2, 3.0), (3, 5.0)], 2) == [[2, 2.0], [3, 5.0]]
+    assert common.tail_mean([(i, float(i)) for i in range(1, 21)], 0.1) == 19.5
 
 
 def _fake_results(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
@@ -215,7 +213,7 @@ def test_quick_pipeline_end_to_end(tmp_path: Path) -> None:
 
     clean_unused_streaming_shared_memory()
     out = tmp_path / "work"
-    cmd = [sys.executable, "bench/quality.py", "--quick", "--methods", "remask", "--steps", "3", "--base-steps", "2", "--n-train", "200",
+    cmd = [sys.executable, "-m", "bench.quality", "--quick", "--methods", "remask", "--steps", "3", "--base-steps", "2", "--n-train", "200",
            "--n-test", "8", "--jobs", "1", "--out", str(out), "--results", str(tmp_path / "results")]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=CI_LIMIT_S)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

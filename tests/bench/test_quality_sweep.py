@@ -1,23 +1,20 @@
 """The multi-epoch quality regime's pieces: the per-epoch evaluator on a real tiny model, choosing on
 the validation split, and the report (table + plot) on made-up run records. The sweep itself
-(`python bench/quality.py --regime epochs --quick`) trains several models and takes minutes."""
+(`python -m bench.quality --regime epochs --quick`) trains several models and takes minutes."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-from bench import quality  # noqa: E402
-from bench.quality_task import sweep  # noqa: E402
-from bench.quality_task.epoch_eval import evaluate_rows  # noqa: E402
-from bench.quality_task.generate import write_splits  # noqa: E402
+from bench import quality
+from bench.quality_task import sweep
+from bench.quality_task.epoch_eval import evaluate_rows
+from bench.quality_task.generate import write_splits
+from tests.helpers.assets import REPO
 
 
 def test_validation_split_is_disjoint_and_keeps_the_old_splits(tmp_path: Path) -> None:

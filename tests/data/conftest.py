@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory
 from composer_remask.data.tokenizer import load_tokenizer
 from composer_remask.tools.fixtures import write_source_fixtures
+from composer_remask.tools.shared_memory import clean_unused_streaming_shared_memory
 from tests.helpers.assets import TINY_TOKENIZER
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from composer_remask.data.shared_memory import (
+from composer_remask.tools.shared_memory import (
     SHM_DIR,
     clean_unused_streaming_shared_memory,
     streaming_segments,

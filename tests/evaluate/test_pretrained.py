@@ -19,14 +19,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from composer_remask.batch import ANSWER_TAG, MASK_TOKEN, REMASK_SPECIAL_TOKENS  # noqa: E402
 from composer_remask.data.manifest import EOSMismatchError, check_eos_agreement  # noqa: E402
-from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory  # noqa: E402
-from composer_remask.pretrained import (  # noqa: E402
+from composer_remask.tools.gguf import (  # noqa: E402
     GGUFImportError,
     import_gguf,
     main,
     resolve_gguf,
     tokenizer_from_gguf,
 )
+from composer_remask.tools.shared_memory import clean_unused_streaming_shared_memory  # noqa: E402
 from tests.helpers.assets import TINY_TOKENIZER  # noqa: E402
 from tests.helpers.recipes import TINY_RECIPE  # noqa: E402
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory
+from composer_remask.tools.shared_memory import clean_unused_streaming_shared_memory
 from tests.helpers.foundry_venv import FOUNDRY_PYTHON, FOUNDRY_VENV, OWN_SPECIAL_TOKEN, REPO, in_ci
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from composer_remask.data.shared_memory import clean_unused_streaming_shared_memory
+from composer_remask.tools.shared_memory import clean_unused_streaming_shared_memory
 from tests.helpers.assets import TINY_TOKENIZER
 
 
