@@ -94,7 +94,8 @@ class ReMask(Algorithm):
         loss_weighting: ``auto`` (default) reads the weight the Trainer gives each microbatch
             (sample or token accumulation, any DataSpec), so the loss is exact with no setting.
             ``samples`` or ``tokens`` declare it instead (``tokens``: loss-generating tokens as
-            ``composer_remask.batch.batch_loss_tokens`` counts them). Checked on the first microbatch.
+            ``composer_remask.batch.batch_loss_tokens`` counts them); this project's recipes declare
+            it from their Trainer's settings. Checked on the first microbatch.
         loss_impl: ``hidden`` computes logits chunk by chunk from the final hidden states (lean),
             ``logits`` uses the model's logits; ``auto`` picks ``hidden`` when the model allows it.
 
