@@ -261,7 +261,6 @@ def _check_arguments(sources: Sequence[SourceSpec], limits: dict, mix: dict, on_
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise ValueError(f"duplicate source names: {duplicates}")
-    _refuse_repeated_files(sources)
     for option, values in (("--limit", limits), ("--mix", mix)):
         unknown = sorted(set(values) - set(names))
         if unknown:
@@ -280,6 +279,7 @@ def _check_arguments(sources: Sequence[SourceSpec], limits: dict, mix: dict, on_
     if any(proportional) and not (all(proportional) and len(mix) == len(names)):
         raise ValueError("StreamingDataset mixes either by proportion for every source or by "
                          "repeat/choose: give proportion:P for all sources or for none")
+    _refuse_repeated_files(sources)  # last: the option checks above name their own mistakes first
 
 
 def _refuse_repeated_files(sources: Sequence[SourceSpec]) -> None:
