@@ -26,10 +26,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -308,7 +309,7 @@ def _run_tasks(lm: Any, names: list[str], settings: Mapping[str, TaskSetting], s
     output = lm_eval.simple_evaluate(
         model=lm, tasks=names, num_fewshot=shots, limit=limit, task_manager=task_manager,
         log_samples=log_samples, bootstrap_iters=1000,
-        gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None)
+        gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks is not None else None)
     if output is None:  # non-zero ranks under a distributed harness
         return {}
     entries = {}
@@ -348,6 +349,63 @@ def _positive_limit(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error).removeprefix("--limit: ")) from None
 
 
+DTYPE_NAMES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
+
+
+def _dtype_arg(text: str) -> str:
+    if text not in DTYPE_NAMES:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[text]
+
+
+def _whole_number(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not re.fullmatch(r"\d+", text) or int(text) < low:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= {low}")
+        return int(text)
+
+    return parse
+
+
+def _batch_size_arg(text: str) -> int | str:
+    if re.fullmatch(r"auto(:\d+)?", text):
+        return text
+    return _whole_number(1)(text)
+
+
+def _device_arg(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def _output_path(text: str) -> Path:
+    """Checked before the evaluation runs: its results are never computed only to be lost."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a folder; give the JSON file's path")
+    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text}: {existing} is not a writable folder")
+    return path
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    partial.replace(path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="remask-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="Hugging Face model folder (e.g. the export of a run) or hub id")
@@ -358,35 +416,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gsm8k-jsonl", help=f"local test rows for the {LOCAL_GSM8K_TASK} task")
     parser.add_argument("--gsm8k-fewshot-jsonl", help="local rows to draw few-shot examples from")
     parser.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="gsm8k")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="override every task's few-shot count")
+    parser.add_argument("--num-fewshot", type=_whole_number(0), default=None,
+                        help="override every task's few-shot count (0 included)")
     parser.add_argument("--limit", type=_positive_limit, default=None,
                         help="examples per task, or a fraction of each task below 1 (smoke test)")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    parser.add_argument("--batch-size", default="8", help="an int or 'auto'")
-    parser.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
-    parser.add_argument("--max-gen-toks", type=int, default=None,
+    parser.add_argument("--device", type=_device_arg, default=None,
+                        help="cuda, cuda:1, cpu (default: cuda if available)")
+    parser.add_argument("--batch-size", type=_batch_size_arg, default=8, help="an int or 'auto'")
+    parser.add_argument("--dtype", type=_dtype_arg, default="auto",
+                        help="auto, bfloat16 (bf16), float16 (fp16), float32 (fp32)")
+    parser.add_argument("--max-gen-toks", type=_whole_number(1), default=None,
                         help="cap on generated tokens (default 256; below the model's context length)")
-    parser.add_argument("--output", help="write the results as JSON here (default: MODEL/eval_results.json "
-                                         "when MODEL is a folder)")
+    parser.add_argument("--output", type=_output_path, help="write the results as JSON here (default: "
+                                                            "MODEL/eval_results.json when MODEL is a folder)")
     args = parser.parse_args(argv)
 
     tasks = args.tasks.split(",") if args.tasks else (
         [LOCAL_GSM8K_TASK] if args.gsm8k_jsonl else list(CARD_TASKS))
     limit = None if args.limit is None else (int(args.limit) if float(args.limit).is_integer() else args.limit)
-    batch_size: int | str = int(args.batch_size) if re.fullmatch(r"\d+", args.batch_size) else args.batch_size
+    output = args.output if args.output is not None else (
+        Path(args.model) / "eval_results.json" if Path(args.model).is_dir() else None)
     try:
         report = evaluate(args.model, [t.strip() for t in tasks if t.strip()], include_path=args.include_path,
                           gsm8k_jsonl=args.gsm8k_jsonl, gsm8k_fewshot_jsonl=args.gsm8k_fewshot_jsonl,
                           prompt_format=args.prompt_format, num_fewshot=args.num_fewshot, limit=limit,
-                          device=args.device, batch_size=batch_size, dtype=args.dtype,
+                          device=args.device, batch_size=args.batch_size, dtype=args.dtype,
                           max_gen_toks=args.max_gen_toks)
     except (ValueError, FileNotFoundError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
-    output = Path(args.output) if args.output else (
-        Path(args.model) / "eval_results.json" if Path(args.model).is_dir() else None)
     if output is not None:
-        output.write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+        _write_json(output, report)
     print(format_report(report))
     if output is not None:
         print(f"results: {output}")

@@ -13,8 +13,12 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
+import re
+import shutil
 import sys
 import tempfile
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,11 +60,47 @@ def save_hf_folder(config: PretrainedConfig, state_dict: Mapping[str, torch.Tens
     if dtype is not None:
         model.to(DTYPES[dtype])
     model.config.torch_dtype = next(model.parameters()).dtype
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    check_export_target(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:  # written beside the target and moved into place: never a half-written folder under its name
+        model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        _move_into_place(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out_dir
+
+
+def check_export_target(out_dir: str | Path) -> None:
+    """Refuse, before any work, a target that cannot become the export folder: an existing file, a
+    folder holding something other than an earlier export, or a place this process cannot write."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"export target {out_dir} exists and is not a folder; choose another path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
+        raise FileExistsError(f"export target {out_dir} is a folder that holds something other than an earlier "
+                              "export (no config.json); it is not replaced: choose another path or empty it")
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"export target {out_dir}: {existing} is not a writable folder")
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename ``staging`` to ``out_dir``; an earlier export there is replaced only once the new one is whole."""
+    previous = None
+    if out_dir.is_dir():
+        if any(out_dir.iterdir()):
+            previous = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
+            out_dir.rename(previous)
+        else:
+            out_dir.rmdir()
+    staging.chmod(0o755)
+    staging.rename(out_dir)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def _hf_weights(composer_state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -86,8 +126,13 @@ def export_model(composer_model: torch.nn.Module, out_dir: str | Path, dtype: st
     return path
 
 
+_BATCH_IN_NAME = re.compile(r"(?:^|[-_])ba(\d+)(?:[-_.]|$)")  # Composer's ep{epoch}-ba{batch}-rank{rank}.pt
+
+
 def find_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file or sharded folder, or a run's ``save_folder`` (its latest checkpoint)."""
+    """A checkpoint file or sharded folder, or a run's ``save_folder``: its ``latest`` link, else the
+    checkpoint with the highest batch count in its name (file times change when folders are copied,
+    e.g. from object storage, so they never decide)."""
     path = Path(path)
     if path.is_file():
         return path
@@ -97,10 +142,16 @@ def find_checkpoint(path: str | Path) -> Path:
         latest = path / LATEST_CHECKPOINT
         if latest.exists():
             return latest.resolve()
-        candidates = sorted((p for p in path.glob("*.pt")), key=lambda p: p.stat().st_mtime)
-        if candidates:
-            return candidates[-1]
-        raise FileNotFoundError(f"{path}: no Composer checkpoint in this folder ({LATEST_CHECKPOINT} or *.pt)")
+        candidates = [p for p in path.glob("*.pt") if p.name != LATEST_CHECKPOINT]
+        if not candidates:
+            raise FileNotFoundError(f"{path}: no Composer checkpoint in this folder ({LATEST_CHECKPOINT} or *.pt)")
+        batches = {p: _BATCH_IN_NAME.search(p.stem) for p in candidates}
+        unnamed = sorted(p.name for p, match in batches.items() if match is None)
+        counts = {p: int(match.group(1)) for p, match in batches.items() if match is not None}
+        if unnamed or len(set(counts.values())) != len(counts):
+            raise ValueError(f"{path}: no {LATEST_CHECKPOINT} link and the checkpoints' batch counts do not say which "
+                             f"is the latest ({', '.join(sorted(p.name for p in candidates))}); name the file")
+        return max(counts, key=counts.__getitem__)
     raise FileNotFoundError(f"{path}: no such checkpoint file or folder")
 
 
@@ -115,6 +166,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: str | 
     from composer.models.huggingface import get_hf_config_from_composer_state_dict
 
     path = find_checkpoint(checkpoint)
+    check_export_target(out_dir)
+    log.info("reading checkpoint %s", path)
     state = load_composer_checkpoint(path, trust_checkpoint_pickle)
     try:
         hf_state = state["state"]["integrations"]["huggingface"]
@@ -145,8 +198,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="unpickle the checkpoint fully (weights_only=False): runs code from the file")
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.checkpoint, args.out, args.dtype, args.trust_checkpoint_pickle)
-    except (FileNotFoundError, ValueError) as error:
+        checkpoint = find_checkpoint(args.checkpoint)
+        print(f"checkpoint {checkpoint}", flush=True)
+        out = export_checkpoint(checkpoint, args.out, args.dtype, args.trust_checkpoint_pickle)
+    except (OSError, ValueError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {out} (load with AutoModelForCausalLM.from_pretrained({str(out)!r}))")
