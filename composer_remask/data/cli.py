@@ -131,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run_build(args) if args.command == "build" else _run_inspect(args)
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or BuildInterrupted for SIGTERM/SIGHUP
+        from composer_remask.data.pipeline import TERMINATION_SIGNALS
+
+        for repeat in (signal.SIGINT, *TERMINATION_SIGNALS):  # exiting: a repeated Ctrl-C adds no traceback
+            signal.signal(repeat, signal.SIG_IGN)
         signum = getattr(interrupt, "signum", signal.SIGINT)
         cleaned = "; the partial output was removed" if args.command == "build" else ""
         print(f"{parser.prog}: error: interrupted by {signal.Signals(signum).name}{cleaned}", file=sys.stderr)

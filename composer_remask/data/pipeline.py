@@ -114,15 +114,18 @@ def termination_raises_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM/SIGHUP raise ``BuildInterrupted`` in the main thread, as Ctrl-C does.
 
     Their default action ends the process on the spot, skipping the cleanup of the partial
-    output and the shutdown of the workers. Signals whose handler the caller has set are left
-    to that handler; after the first signal, repeats are ignored until the block (and the
-    cleanup inside it) ends. Outside the main thread, signals cannot be handled: no change.
+    output and the shutdown of the workers. Ctrl-C (SIGINT, with Python's own handler) is taken
+    over the same way, so that after the first signal of any of them, repeats are ignored until
+    the block (and the cleanup inside it) ends: a second Ctrl-C cannot cut the cleanup short.
+    Signals whose handler the caller has set are left to that handler. Outside the main thread,
+    signals cannot be handled: no change.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {signum: signal.getsignal(signum) for signum in TERMINATION_SIGNALS}
-    handled = [signum for signum, handler in previous.items() if handler == signal.SIG_DFL]
+    previous = {signum: signal.getsignal(signum) for signum in (*TERMINATION_SIGNALS, signal.SIGINT)}
+    handled = [signum for signum, handler in previous.items()
+               if handler == signal.SIG_DFL or (signum == signal.SIGINT and handler is signal.default_int_handler)]
 
     def interrupt(signum: int, frame: object) -> None:
         for other in handled:

@@ -426,3 +426,25 @@ def test_an_out_that_is_a_mount_point_is_refused_before_the_build(fixture_files,
     assert status == 2
     assert f"--out {mount} is a mount point" in capsys.readouterr().err
     assert not [name for name in os.listdir(mount) if name not in before and name.startswith(".")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process table from /proc")
+def test_repeated_ctrl_c_neither_cuts_the_cleanup_short_nor_adds_a_traceback(tmp_path):
+    """Seen before: a second Ctrl-C sometimes added a KeyboardInterrupt traceback after the cleanup."""
+    process, helpers = _start_build_with_workers(tmp_path)
+    try:
+        for _ in range(5):  # an impatient user: Ctrl-C again while the first one is being handled
+            if process.poll() is not None:
+                break
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.02)
+        status = process.wait()
+        stderr = process.stderr.read().decode()
+        assert _wait_until_gone(helpers) == []
+    finally:
+        _kill_leftovers(helpers)
+    assert status == 128 + signal.SIGINT, stderr
+    assert "remask-data: error: interrupted by SIGINT; the partial output was removed" in stderr
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
