@@ -45,7 +45,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from bench.naive_remask import NaiveReMask
 from composer_remask import ReMask
-from composer_remask.batch import IGNORE_INDEX, ROLE_ANSWER, ROLE_CONTEXT, ROLE_RATIONALE
+from composer_remask.batch import IGNORE_INDEX, ROLE_ANSWER, ROLE_CONTEXT, ROLE_PAD, ROLE_RATIONALE
+from composer_remask.remask.masking import MaskVocabulary, remask_batch
 from composer_remask.train.model import ComposerCausalLM
 
 METHODS = ("sft", "lean_sft", "naive", "remask")
@@ -116,6 +117,67 @@ def make_batch(rows: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "token_roles": roles}
 
 
+# Card-shaped CoT rows (GSM8K-like): token lengths of the question with its template, the rationale
+# and the answer with its tag and EOS; a normal draw per row, clipped to a plausible range.
+COT_LENGTHS = {"prompt": (60, 20, 20, 150), "rationale": (110, 45, 20, 220), "answer": (6, 2, 3, 12)}
+
+
+def make_cot_batch(rows: int, max_seq_len: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
+    """GSM8K-shaped rows (prompt, rationale, answer), cut to ``max_seq_len`` and padded to the longest
+    row (``pad_to: longest``), with token roles as the project's collator writes them."""
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(part: str) -> int:
+        mean, std, low, high = COT_LENGTHS[part]
+        return int(min(high, max(low, round(mean + std * torch.randn(1, generator=g).item()))))
+
+    spans = []
+    for _ in range(rows):
+        prompt, rationale, answer = draw("prompt"), draw("rationale"), draw("answer")
+        rationale = max(1, min(rationale, max_seq_len - prompt - answer))
+        spans.append((prompt, rationale, answer))
+    width = max(sum(span) for span in spans)
+    ids = torch.randint(100, 50000, (rows, width), generator=g)
+    roles = torch.full((rows, width), ROLE_PAD, dtype=torch.int8)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for r, (prompt, rationale, answer) in enumerate(spans):
+        n = prompt + rationale + answer
+        roles[r, :prompt] = ROLE_CONTEXT
+        roles[r, prompt:prompt + rationale] = ROLE_RATIONALE
+        roles[r, prompt + rationale:n] = ROLE_ANSWER
+        ids[r, n - 1] = EOS_ID
+        mask[r, :n] = 1
+    labels = torch.where(roles > ROLE_CONTEXT, ids, torch.tensor(IGNORE_INDEX))
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "token_roles": roles}
+
+
+def prefix_opportunity(batch: dict[str, torch.Tensor], mask_prob: float = 0.4, seed: int = 0) -> dict[str, float]:
+    """What a shared-prefix layout could save on ``batch`` under the card's masks and label rules.
+
+    In a masked row every position before its first masked token sees exactly the full row's inputs
+    (causal attention), so the masked pass recomputes it for nothing; a row with no masked token
+    needs no masked pass at all. Shares are of the masked pass's positions (rows x padded length):
+    ``prefix_share`` (before each row's first masked token, or the whole row without one),
+    ``padding_share``, and what is left, the suffixes. ``flop_floor_over_lean_sft`` is a
+    shared-prefix step's token count over one pass's: 1 + the suffix share (attention's quadratic
+    term left out).
+    """
+    vocabulary = MaskVocabulary("mask_token", MASK_ID, EOS_ID, torch.tensor([EOS_ID, MASK_ID]))
+    masked = remask_batch(batch["input_ids"], batch["labels"], batch["token_roles"], batch["attention_mask"],
+                          mask_prob=mask_prob, vocabulary=vocabulary, seed=seed, rationale_label_drop_prob=0.1,
+                          answer_only_prob=0.1)
+    lengths = batch["attention_mask"].sum(dim=1)
+    rows, width = batch["input_ids"].shape
+    any_masked = masked.input_mask.any(dim=1)
+    first = torch.where(any_masked, masked.input_mask.int().argmax(dim=1), lengths)
+    total = float(rows * width)
+    prefix = float(first.sum()) / total
+    padding = float((width - lengths).sum()) / total
+    suffix = 1.0 - prefix - padding
+    return {"prefix_share": prefix, "padding_share": padding, "suffix_share": suffix,
+            "rows_without_a_masked_token": int((~any_masked).sum()), "flop_floor_over_lean_sft": 1.0 + suffix}
+
+
 class _BodyOnly(Algorithm):
     """Memory baseline: both passes of the decoder, no output layer and no loss worth the name."""
 
@@ -180,7 +242,7 @@ def build_trainer(args, probe: StepProbe, every_method: list[Algorithm]) -> Trai
     with torch.device(init_device):
         hf = StableLmForCausalLM(config)
     model = ComposerCausalLM(hf, tokenizer=None, train_metrics=False)
-    batch = make_batch(args.batch, args.seq)
+    batch = bench_batch(args)
     loader = DataLoader([batch], batch_size=None)
     kwargs = {}
     if args.fsdp:
@@ -193,6 +255,13 @@ def build_trainer(args, probe: StepProbe, every_method: list[Algorithm]) -> Trai
         algorithms=every_method, callbacks=[probe], device=args.device, progress_bar=False,
         precision="amp_bf16" if args.device == "cuda" else "fp32",
         device_train_microbatch_size=args.microbatch or args.batch, seed=0, **kwargs)
+
+
+def bench_batch(args) -> dict[str, torch.Tensor]:
+    """The one batch every method trains on: ``--data synthetic`` (``--seq`` long rows) or ``cot``."""
+    if args.data == "cot":
+        return make_cot_batch(args.batch, args.seq)
+    return make_batch(args.batch, args.seq)
 
 
 def time_methods(args) -> dict[str, dict[str, float]]:
@@ -271,7 +340,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="default: small on CPU, 3b (StableLM-3B-4e1t's shipped config) on CUDA")
     parser.add_argument("--batch", type=int, default=None, help="rows per step (default 8 CPU, 16 CUDA)")
     parser.add_argument("--microbatch", type=int, default=None)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=256, help="row length (--data cot: max_seq_len, rows padded "
+                                                              "to the longest)")
+    parser.add_argument("--data", choices=("synthetic", "cot"), default="synthetic",
+                        help="synthetic: rows of ~--seq tokens; cot: GSM8K-shaped question/rationale/answer rows")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
@@ -294,8 +366,10 @@ def summarize(args, timing: dict[str, dict[str, float]]) -> dict:
     methods = args.methods
     config = stablelm_config(args.model)
     params = count_parameters(config)
-    tokens = args.batch * args.seq
-    one_pass = flops_per_pass(config, params, args.batch, args.seq)
+    batch = bench_batch(args)
+    tokens = int(batch["input_ids"].numel())
+    seq = int(batch["input_ids"].shape[1])
+    one_pass = flops_per_pass(config, params, args.batch, seq)
     peak = peak_flops(args.device)
     median = {m: timing[m]["median_s"] for m in methods}
     result: dict = {}
@@ -328,7 +402,9 @@ def summarize(args, timing: dict[str, dict[str, float]]) -> dict:
         "load_average": list(os.getloadavg()), "cpu_count": os.cpu_count(),
         "model": args.model, "params": params, "vocab": config.vocab_size, "batch": args.batch, "seq": args.seq,
         "microbatch": args.microbatch or args.batch, "steps": args.steps, "fsdp": args.fsdp,
-        "precision": "amp_bf16" if args.device == "cuda" else "fp32",
+        "precision": "amp_bf16" if args.device == "cuda" else "fp32", "data": args.data, "padded_seq": seq,
+        # The layout ReMask runs today, and what a shared-prefix layout could save on this batch.
+        "layout": "full+masked", **prefix_opportunity(batch),
     })
     return result
 

@@ -57,3 +57,30 @@ def test_dry_run_passes_every_check(tmp_path):
     assert sorted(resume["losses_resumed"]) == ["2", "3"]  # batch indices after the checkpoint at 2
     assert resume["a_matches_straight"]
     assert resume["max_loss_diff"] <= 1e-6 and resume["weights_max_rel_diff"] <= 1e-9
+
+
+def test_prefix_opportunity_counts_positions_before_the_first_masked_token():
+    import torch
+
+    from bench.step_bench import make_cot_batch, prefix_opportunity
+
+    batch = make_cot_batch(6, max_seq_len=256, seed=3)
+    lengths = batch["attention_mask"].sum(1)
+    assert int(lengths.max()) == batch["input_ids"].shape[1] <= 256
+    # Every row: context, then rationale, then answer ending in EOS, then padding.
+    for roles, n in zip(batch["token_roles"], lengths.tolist()):
+        assert roles[0] == 0 and roles[n - 1] == 3 and bool((roles[n:] == -1).all())
+    found = prefix_opportunity(batch)
+    assert found["prefix_share"] + found["padding_share"] + found["suffix_share"] == pytest.approx(1.0, abs=1e-12)
+    assert found["flop_floor_over_lean_sft"] == pytest.approx(1 + found["suffix_share"])
+    # The prompt is never masked, so the prefix is at least the prompt of every row.
+    prompt = float((batch["token_roles"] == 0).sum()) / batch["input_ids"].numel()
+    assert found["prefix_share"] >= prompt and found["rows_without_a_masked_token"] == 0
+    # mask_prob 0: nothing is masked, every row is all prefix and the floor is one pass.
+    none = prefix_opportunity(batch, mask_prob=0.0)
+    assert none["suffix_share"] == pytest.approx(0.0, abs=1e-12) and none["rows_without_a_masked_token"] == 6
+    assert none["flop_floor_over_lean_sft"] == pytest.approx(1.0)
+    # mask_prob 1: the first maskable token (the rationale's first) is masked in every row.
+    every = prefix_opportunity(batch, mask_prob=1.0)
+    assert every["prefix_share"] == pytest.approx(prompt)
+    assert torch.equal(torch.tensor(every["rows_without_a_masked_token"]), torch.tensor(0))
