@@ -5,6 +5,7 @@
   are constructed (``builders.construct``), so their own argument checks (a ``mask_prob`` of 1.5,
   a negative ``lr``) fail here, naming the recipe and key;
 - :func:`load_recipe_tokenizer`: the tokenizer, with a missing folder reported as a recipe error;
+- :func:`check_algorithms_with_tokenizer`: a ReMask ``mask_token_id`` inside the tokenizer's vocabulary;
 - :func:`check_corpus`: the corpus's ``manifest.json`` (written by ``remask-data build``) against the
   recipe: the same tokenizer vocabulary, and a ``max_seq_len`` no shorter than the corpus's (rows
   are fitted to the corpus's length at build time; a shorter recipe would cut CoT answers);
@@ -31,6 +32,7 @@ from composer_remask.data.manifest import (
     corpus_manifests,
     vocabulary_hash,
 )
+from composer_remask.remask.algorithm import ReMask
 from composer_remask.train import registry
 from composer_remask.train.builders import (
     build_algorithms,
@@ -38,11 +40,12 @@ from composer_remask.train.builders import (
     build_tokenizer,
     construct,
     name_and_kwargs,
+    named_sections,
     validate_sections,
 )
 from composer_remask.train.config import ConfigError, TrainConfig
 
-__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "check_corpus", "check_training_eos", "load_recipe_tokenizer",
+__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "check_algorithms_with_tokenizer", "check_corpus", "check_training_eos", "load_recipe_tokenizer",
            "validate_recipe"]
 
 
@@ -73,6 +76,18 @@ def load_recipe_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     except (OSError, ValueError) as error:
         raise ConfigError(f"{cfg.where('tokenizer.name')}: cannot load the tokenizer {name!r}: neither a local "
                           f"folder (relative to {Path.cwd()}) nor a model that loads from the hub ({error})") from error
+
+
+def check_algorithms_with_tokenizer(cfg: TrainConfig, algorithms: list[Algorithm],
+                                    tokenizer: PreTrainedTokenizerBase) -> None:
+    """A ReMask ``mask_token_id`` names a token of the run's tokenizer (ReMask's tokens included)."""
+    for name, algorithm in zip(named_sections(cfg, "algorithms"), algorithms, strict=True):
+        token_id = getattr(getattr(algorithm, "options", None), "mask_token_id", None)
+        if isinstance(algorithm, ReMask) and token_id is not None and token_id >= len(tokenizer):
+            raise ConfigError(
+                f"{cfg.where(f'algorithms.{name}.mask_token_id')}: {token_id} is outside the tokenizer's vocabulary "
+                f"({len(tokenizer)} tokens with ReMask's, ids 0 to {len(tokenizer) - 1}); remove the key to use "
+                f"<|mask|> (id {tokenizer.convert_tokens_to_ids('<|mask|>')}), or give an id below {len(tokenizer)}")
 
 
 def check_corpus(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:

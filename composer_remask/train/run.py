@@ -39,6 +39,7 @@ from composer_remask.train.config import ConfigError, TrainConfig, load_config
 from composer_remask.train.preflight import (
     NonFiniteLossError,
     NonFiniteLossGuard,
+    check_algorithms_with_tokenizer,
     check_corpus,
     check_training_eos,
     load_recipe_tokenizer,
@@ -75,6 +76,7 @@ def build_trainer(cfg: TrainConfig) -> tuple[Trainer, RunReport]:
     reproducibility.seed_all(cfg.seed)  # random-init weights depend on the recipe's seed
 
     tokenizer = load_recipe_tokenizer(cfg)
+    check_algorithms_with_tokenizer(cfg, algorithms, tokenizer)
     check_corpus(cfg, tokenizer)
     if cfg.autoresume:
         prepare_save_folder(cfg)
