@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,11 @@ from composer.loggers import Logger
 from transformers import PreTrainedTokenizerBase
 
 from composer_remask.data.manifest import (
+    CorpusMismatchError,
     EOSMismatchError,
+    check_corpus_manifest,
     check_eos_agreement,
     corpus_manifests,
-    vocabulary_hash,
 )
 from composer_remask.remask.algorithm import ReMask
 from composer_remask.train import registry
@@ -91,9 +91,7 @@ def check_algorithms_with_tokenizer(cfg: TrainConfig, algorithms: list[Algorithm
 
 
 def check_corpus(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Compare each loader's corpus manifest with the recipe (see the module docstring)."""
-
-    recipe_hash: str | None = None
+    """Compare each loader's corpus manifest with the recipe (``data/manifest.check_corpus_manifest``)."""
     for key in ("train_loader", "eval_loader"):
         section = getattr(cfg, key)
         if not section:
@@ -102,26 +100,11 @@ def check_corpus(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         seq_key = f"{key}.max_seq_len" if "max_seq_len" in section else "max_seq_len"
         for path in corpus_manifests(section):
             try:
-                manifest = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as error:
-                raise ConfigError(f"{cfg.where(key)}: cannot read the corpus manifest {path}: {error}") from error
-            built_with = manifest.get("tokenizer") or {}
-            corpus_hash = built_with.get("vocab_sha256")
-            if corpus_hash:
-                recipe_hash = recipe_hash or vocabulary_hash(tokenizer)
-                if corpus_hash != recipe_hash:
-                    raise ConfigError(
-                        f"{cfg.where('tokenizer.name')}: the recipe's tokenizer {cfg.tokenizer.get('name')!r} "
-                        f"(vocabulary sha256 {recipe_hash}, {len(tokenizer)} tokens) is not the one {path} was "
-                        f"built with ({built_with.get('name')!r}, vocabulary sha256 {corpus_hash}, "
-                        f"{built_with.get('vocab_size')} tokens): the token ids would mean other tokens. "
-                        "Rebuild the corpus with this tokenizer, or train with the corpus's.")
-            corpus_len = manifest.get("max_seq_len")
-            if isinstance(corpus_len, int) and isinstance(seq_len, int) and seq_len < corpus_len:
-                raise ConfigError(
-                    f"{cfg.where(seq_key)}: {seq_len} is shorter than the max_seq_len {corpus_len} that {path} "
-                    f"was built with: rows would be cut at {seq_len} tokens, CoT answers included. Set "
-                    f"{seq_key}: {corpus_len} (or more), or rebuild the corpus with --max-seq-len {seq_len}.")
+                check_corpus_manifest(path, tokenizer, seq_len, tokenizer_name=str(cfg.tokenizer.get("name")),
+                                      seq_key=seq_key)
+            except CorpusMismatchError as error:
+                where = {"tokenizer": "tokenizer.name", "max_seq_len": seq_key}.get(error.setting or "", key)
+                raise ConfigError(f"{cfg.where(where)}: {error}") from error
 
 
 def check_training_eos(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, model_config: Any) -> None:
