@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
+from composer_remask.data.manifest import CorpusMismatchError, check_corpus_manifest, corpus_manifests
 from composer_remask.data.tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
@@ -50,6 +51,10 @@ def build_remask_dataloader(
     settings); the DataLoader settings sit next to it. The DataSpec counts loss-generating tokens
     with ``composer_remask.batch.batch_loss_tokens``, as ReMask's loss does, so llm-foundry's
     ``accumulate_train_batch_on_tokens: true`` weighs microbatches exactly.
+
+    The corpus's ``manifest.json`` is checked first, as ``train.py`` checks it: a corpus built with
+    another tokenizer, or a ``dataset.max_seq_len`` shorter than the corpus's (rows would be cut), is
+    refused with the YAML key to change.
     """
     from composer_remask.data.dataset import build_dataloader
 
@@ -63,6 +68,15 @@ def build_remask_dataloader(
     misplaced = sorted(key for key in dataset if key in DATALOADER_KEYS)
     if misplaced:
         raise ValueError(f"{where}: dataset.{misplaced[0]} is a DataLoader setting; put it next to `dataset:`")
+    for manifest in corpus_manifests(dataset):
+        try:
+            check_corpus_manifest(
+                manifest, tokenizer, dataset.get("max_seq_len"), tokenizer_name=str(tokenizer.name_or_path),
+                seq_key="train_loader.dataset.max_seq_len",
+                tokenizer_hint=" (tokenizer: {name: remask_tokenizer, kwargs: {pretrained_model_name_or_path: "
+                               "<the tokenizer the corpus was built with>}})")
+        except CorpusMismatchError as error:
+            raise ValueError(f"{where}: {error}") from error
     loader_cfg = {**dict(dataset), "num_workers": num_workers, "drop_last": drop_last, "pin_memory": pin_memory,
                   "persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor, "timeout": timeout}
     try:

@@ -1,5 +1,6 @@
 """What a built corpus records about itself (``OUT/manifest.json``, written by ``data/writer.py``) and
-the checks that read it back: a training run refuses a corpus built with another tokenizer or EOS.
+the checks that read it back: a training run (``train.py`` and llm-foundry's ``remask_mds`` loader alike)
+refuses a corpus built with another tokenizer or EOS, or a ``max_seq_len`` that would cut its rows.
 
 The manifest's fields are listed in ``data/writer.py``; the ones read here are ``tokenizer``
 (``vocab_sha256``, ``eos_token``, ``eos_token_id``, ``name``) and ``max_seq_len``.
@@ -16,13 +17,54 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["MANIFEST_NAME", "EOSMismatchError", "check_eos_agreement", "corpus_manifests", "vocabulary_hash"]
+__all__ = ["MANIFEST_NAME", "CorpusMismatchError", "EOSMismatchError", "check_corpus_manifest", "check_eos_agreement",
+           "corpus_manifests", "vocabulary_hash"]
 
 MANIFEST_NAME = "manifest.json"
 
 
 class EOSMismatchError(ValueError):
     """The tokenizer, the model config and the corpus disagree on the end-of-sequence token."""
+
+
+class CorpusMismatchError(ValueError):
+    """The run's tokenizer or ``max_seq_len`` does not fit the corpus; ``setting`` names what to change:
+    ``"tokenizer"``, ``"max_seq_len"``, or ``None`` when the manifest itself cannot be read."""
+
+    def __init__(self, message: str, setting: str | None) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+def check_corpus_manifest(manifest_path: Path, tokenizer: PreTrainedTokenizerBase, max_seq_len: int | None, *,
+                          tokenizer_name: str, seq_key: str, tokenizer_hint: str = "") -> None:
+    """Refuse a corpus whose ``manifest.json`` says it was built with another tokenizer (same ids, other
+    tokens) or a longer ``max_seq_len`` than the run's (rows, CoT answers included, would be cut).
+
+    Messages carry no location prefix (the caller adds its own: the recipe file and key, or the
+    llm-foundry loader); ``seq_key`` is the YAML key to raise, ``tokenizer_hint`` says how to name the
+    corpus's tokenizer on the caller's route.
+    """
+    try:
+        manifest = json.loads(Path(manifest_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CorpusMismatchError(f"cannot read the corpus manifest {manifest_path}: {error}", None) from error
+    built_with = manifest.get("tokenizer") or {}
+    corpus_hash = built_with.get("vocab_sha256")
+    if corpus_hash:
+        run_hash = vocabulary_hash(tokenizer)
+        if corpus_hash != run_hash:
+            raise CorpusMismatchError(
+                f"the run's tokenizer {tokenizer_name!r} (vocabulary sha256 {run_hash}, {len(tokenizer)} tokens) "
+                f"is not the one {manifest_path} was built with ({built_with.get('name')!r}, vocabulary sha256 "
+                f"{corpus_hash}, {built_with.get('vocab_size')} tokens): the token ids would mean other tokens. "
+                f"Rebuild the corpus with this tokenizer, or train with the corpus's{tokenizer_hint}.", "tokenizer")
+    corpus_len = manifest.get("max_seq_len")
+    if isinstance(corpus_len, int) and isinstance(max_seq_len, int) and max_seq_len < corpus_len:
+        raise CorpusMismatchError(
+            f"{max_seq_len} is shorter than the max_seq_len {corpus_len} that {manifest_path} was built with: rows "
+            f"would be cut at {max_seq_len} tokens, CoT answers included. Set {seq_key}: {corpus_len} (or more), "
+            f"or rebuild the corpus with --max-seq-len {max_seq_len}.", "max_seq_len")
 
 
 def vocabulary_hash(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -80,9 +80,12 @@ class ReMask(Algorithm):
         mask_strategy: ``mask_token`` (the tokenizer's ``<|mask|>``), ``random`` (uniform over the
             vocabulary, never a special token) or ``pad``.
         mask_token_id: id of the mask token; ``None`` looks up ``<|mask|>`` in the model's tokenizer.
-        rationale_label_drop_prob: per-token probability of dropping a rationale label (card 0.1);
-            needs ``token_roles`` in the batches (a warning says so when they are missing).
-        answer_only_prob: per-example probability of dropping every rationale label (card 0.1).
+        rationale_label_drop_prob: per-token probability of dropping a rationale label; ``None``
+            (default) is the card's 0.1. Needs ``token_roles`` in the batches: batches without them
+            (llm-foundry's own loaders) train without the rule, silently by default and with a
+            warning when a value above 0 is set here.
+        answer_only_prob: per-example probability of dropping every rationale label; ``None``
+            (default) is the card's 0.1, with the same ``token_roles`` rule.
         mask_prob_warmup: fraction of training over which ``mask_prob`` ramps linearly from 0.
         detach_full: stop the divergence's gradient through the full pass (teacher-style).
         masked_only: train one pass on the masked input only, with the cross-entropy against the
@@ -113,8 +116,8 @@ class ReMask(Algorithm):
         divergence: str = RemaskOptions.divergence,
         mask_strategy: str = RemaskOptions.mask_strategy,
         mask_token_id: int | None = RemaskOptions.mask_token_id,
-        rationale_label_drop_prob: float = RemaskOptions.rationale_label_drop_prob,
-        answer_only_prob: float = RemaskOptions.answer_only_prob,
+        rationale_label_drop_prob: float | None = RemaskOptions.rationale_label_drop_prob,
+        answer_only_prob: float | None = RemaskOptions.answer_only_prob,
         mask_prob_warmup: float = 0.0,
         detach_full: bool = RemaskOptions.detach_full,
         masked_only: bool = RemaskOptions.masked_only,
@@ -273,10 +276,10 @@ class ReMask(Algorithm):
 
     def _prepare_batch(self, state: State, logger: Logger) -> None:
         mask_prob = self.current_mask_prob(state) if self.draws_masks else 0.0
+        drop, answer_only = self.options.label_rule_probs
         state.batch, local = prepare_batch(  # checks the batch contract first (labels and their values)
             state.batch, self._vocabulary, mask_prob=mask_prob, layout=self.layout, seed=int(self._seed or 0),
-            batch_index=int(state.timestamp.batch), rationale_label_drop_prob=self.options.rationale_label_drop_prob,
-            answer_only_prob=self.options.answer_only_prob)
+            batch_index=int(state.timestamp.batch), rationale_label_drop_prob=drop, answer_only_prob=answer_only)
         self._warn_if_label_rules_do_nothing(state.batch)
         self._counts = GlobalCounts.gather(local, state.device)
         self._prepared_rows = int(local[0])
@@ -296,8 +299,9 @@ class ReMask(Algorithm):
     def _warn_if_label_rules_do_nothing(self, batch: Mapping[str, Any]) -> None:
         if self._warned_no_roles or TOKEN_ROLES_KEY in batch:
             return
+        # Left at None (the card's default) the rules are silently off without roles; set, they are warned about.
         drop, answer_only = self.options.rationale_label_drop_prob, self.options.answer_only_prob
-        if drop > 0 or answer_only > 0:
+        if self.options.explicit_label_rules:
             self._warned_no_roles = True
             warnings.warn(
                 f"ReMask: rationale_label_drop_prob={drop} and answer_only_prob={answer_only} do nothing: the batches have no '{TOKEN_ROLES_KEY}', so no token is known "

@@ -59,9 +59,10 @@ def remask_step_loss(model: torch.nn.Module, batch: Mapping[str, Any], *, tokeni
     options = RemaskOptions.from_arguments(**arguments)
     vocabulary = MaskVocabulary.from_model(model, tokenizer, options.mask_strategy, options.mask_token_id,
                                            replaces=options.layout != LAYOUT_FULL)
+    drop, answer_only = options.label_rule_probs
     prepared, local_counts = prepare_batch(
         batch, vocabulary, mask_prob=options.mask_prob, layout=options.layout, seed=seed, batch_index=batch_index,
-        rationale_label_drop_prob=options.rationale_label_drop_prob, answer_only_prob=options.answer_only_prob)
+        rationale_label_drop_prob=drop, answer_only_prob=answer_only)
     logits = output_logits(model(**forward_batch(prepared, options.layout)))
     labels = prepared["labels"]
     two_pass = options.layout == LAYOUT_FULL_AND_MASKED

@@ -17,7 +17,10 @@ from composer_remask.checks import finite_number
 from composer_remask.remask.divergences import divergence_spec
 from composer_remask.remask.masking import MaskVocabulary
 
-__all__ = ["RemaskOptions", "at_least"]
+__all__ = ["CARD_LABEL_RULE_PROB", "RemaskOptions", "at_least"]
+
+# The card's ReMask-CoT label rules: rationale_label_drop_prob and answer_only_prob left as None mean this.
+CARD_LABEL_RULE_PROB = 0.1
 
 # The name a user writes for each option where it differs from the field's.
 _PUBLIC_NAMES = {"divergence_weight": "weight"}
@@ -39,8 +42,10 @@ class RemaskOptions:
     divergence: str = "sym_kl"
     mask_strategy: str = "mask_token"
     mask_token_id: int | None = None
-    rationale_label_drop_prob: float = 0.1
-    answer_only_prob: float = 0.1
+    # None: the card's CARD_LABEL_RULE_PROB where batches carry token roles, and no warning where they do
+    # not (llm-foundry's own loaders); a value the user sets is kept, and warned about without roles.
+    rationale_label_drop_prob: float | None = None
+    answer_only_prob: float | None = None
     detach_full: bool = False
     masked_only: bool = False
 
@@ -53,6 +58,8 @@ class RemaskOptions:
                 raise TypeError(f"ReMask: {_PUBLIC_NAMES.get(field.name, field.name)} {problem}")
         for name, high in (("mask_prob", 1.0), ("divergence_weight", None), ("rationale_label_drop_prob", 1.0),
                            ("answer_only_prob", 1.0)):
+            if getattr(self, name) is None:
+                continue
             what = f"ReMask: {_PUBLIC_NAMES.get(name, name)}"
             object.__setattr__(self, name, finite_number(getattr(self, name), what, low=0.0, high=high))
         divergence_spec(self.divergence)
@@ -71,6 +78,18 @@ class RemaskOptions:
             if public in arguments:
                 arguments[field] = arguments.pop(public)
         return cls(**arguments)
+
+    @property
+    def label_rule_probs(self) -> tuple[float, float]:
+        """``(rationale_label_drop_prob, answer_only_prob)`` as applied: ``None`` is the card's value."""
+        drop, answer_only = self.rationale_label_drop_prob, self.answer_only_prob
+        return (CARD_LABEL_RULE_PROB if drop is None else drop,
+                CARD_LABEL_RULE_PROB if answer_only is None else answer_only)
+
+    @property
+    def explicit_label_rules(self) -> bool:
+        """Whether the user set a label rule above 0 (then batches without token roles are warned about)."""
+        return any(value is not None and value > 0 for value in (self.rationale_label_drop_prob, self.answer_only_prob))
 
     @property
     def layout(self) -> str:

@@ -7,6 +7,7 @@ wrong type is reported with the recipe's file and the dotted key before anything
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import typing
 import warnings
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from composer.core import Algorithm, Callback, DataSpec
+from composer.core import Algorithm, Callback, DataSpec, Precision
 from composer.loggers import LoggerDestination
 from composer.utils import dist
 from composer.utils.parallelism import FSDPConfig
@@ -268,9 +269,14 @@ def validate_sections(cfg: TrainConfig, cuda_available: bool | None = None) -> N
         if str(cfg.fsdp_config.get("sharding_strategy", "")).upper() in HYBRID_STRATEGIES:
             check_hybrid_degrees(cfg)
 
+    precisions = [precision.value for precision in Precision]
+    if cfg.precision not in precisions:
+        raise ConfigError(f"{cfg.where('precision')}: {cfg.precision!r} is not a precision Composer knows; choose one "
+                          f"of {', '.join(precisions)} (on CPU: fp32; bf16 on a GPU is amp_bf16)")
     if not cuda_available and cfg.precision != "fp32":
-        raise ConfigError(f"{cfg.where('precision')}: {cfg.precision!r} needs a CUDA GPU; on CPU use "
-                          "precision=fp32")
+        raise ConfigError(f"{cfg.where('precision')}: {cfg.precision!r} is mixed precision for CUDA GPUs, and this "
+                          "machine has none: on CPU set precision: fp32 (or precision=fp32 on the command line), "
+                          "the one precision Composer trains with on CPU")
     if not cuda_available and cfg.device_train_microbatch_size == "auto":
         raise ConfigError(f"{cfg.where('device_train_microbatch_size')}: 'auto' needs a CUDA GPU; set a number")
     if cfg.autoresume and not (cfg.save_folder and cfg.run_name):
@@ -278,5 +284,31 @@ def validate_sections(cfg: TrainConfig, cuda_available: bool | None = None) -> N
     for path in cfg.code_paths or []:
         if not Path(path).is_file():
             raise ConfigError(f"{cfg.where('code_paths')}: no such file {path!r}")
+    if cfg.load_path and "://" not in cfg.load_path and not Path(cfg.load_path).exists():
+        raise ConfigError(f"{cfg.where('load_path')}: no such checkpoint {cfg.load_path!r} (relative paths are read "
+                          f"from {Path.cwd()}); point it at a Composer checkpoint (.pt file or sharded folder)")
+    for key in ("save_folder", "export_folder"):
+        problem = _output_folder_problem(getattr(cfg, key), cfg.run_name)
+        if problem:
+            raise ConfigError(f"{cfg.where(key)}: {problem}")
+
+
+def _output_folder_problem(folder: str | None, run_name: str | None) -> str | None:
+    """Why a local output folder cannot be written (a file in its place, no write permission), or None."""
+    from composer.utils import format_name_with_dist
+
+    if not folder or "://" in folder:
+        return None
+    path = Path(format_name_with_dist(folder, run_name or "")).expanduser().absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None:
+        return None
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        return f"{str(path)!r} {what}; choose a folder path (or move the file away)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (f"{str(path)!r} cannot be written: no write permission on {existing}; choose a folder you can write "
+                "to")
+    return None
 
 

@@ -179,6 +179,7 @@ def config_from_omegaconf(cfg: DictConfig, source: str = "<dict>",
 
 DURATION_KEYS = ("max_duration", "eval_interval", "save_interval", "console_log_interval")
 MIN_SEQ_LEN = 2  # one input token and one predicted token
+SEED_LIMIT = 2**32  # numpy's RNG, seeded by Composer's reproducibility.seed_all, takes 0 <= seed < 2**32
 
 
 def _top_level_problems(raw: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -201,6 +202,10 @@ def _top_level_problems(raw: Mapping[str, Any]) -> list[tuple[str, str]]:
         value = holder.get(leaf) if isinstance(holder, dict) else None
         if isinstance(value, int) and not isinstance(value, bool) and value < MIN_SEQ_LEN:
             problems.append((key, f"must be at least {MIN_SEQ_LEN} (one input and one predicted token), got {value}"))
+    seed = raw.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < SEED_LIMIT:
+        problems.append(("seed", f"must be a whole number from 0 to {SEED_LIMIT - 1} (the range every RNG the run "
+                                 f"seeds accepts), got {seed}"))
     run_name = raw.get("run_name")
     if isinstance(run_name, str) and (not run_name.strip() or run_name in (".", "..") or "/" in run_name
                                       or "\\" in run_name or ".." in run_name or "\0" in run_name):

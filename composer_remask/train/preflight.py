@@ -5,6 +5,7 @@
   are constructed (``builders.construct``), so their own argument checks (a ``mask_prob`` of 1.5,
   a negative ``lr``) fail here, naming the recipe and key;
 - :func:`load_recipe_tokenizer`: the tokenizer, with a missing folder reported as a recipe error;
+- :func:`check_algorithms_with_tokenizer`: a ReMask ``mask_token_id`` inside the tokenizer's vocabulary;
 - :func:`check_corpus`: the corpus's ``manifest.json`` (written by ``remask-data build``) against the
   recipe: the same tokenizer vocabulary, and a ``max_seq_len`` no shorter than the corpus's (rows
   are fitted to the corpus's length at build time; a shorter recipe would cut CoT answers);
@@ -15,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -26,11 +26,13 @@ from composer.loggers import Logger
 from transformers import PreTrainedTokenizerBase
 
 from composer_remask.data.manifest import (
+    CorpusMismatchError,
     EOSMismatchError,
+    check_corpus_manifest,
     check_eos_agreement,
     corpus_manifests,
-    vocabulary_hash,
 )
+from composer_remask.remask.algorithm import ReMask
 from composer_remask.train import registry
 from composer_remask.train.builders import (
     build_algorithms,
@@ -38,11 +40,12 @@ from composer_remask.train.builders import (
     build_tokenizer,
     construct,
     name_and_kwargs,
+    named_sections,
     validate_sections,
 )
 from composer_remask.train.config import ConfigError, TrainConfig
 
-__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "check_corpus", "check_training_eos", "load_recipe_tokenizer",
+__all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "check_algorithms_with_tokenizer", "check_corpus", "check_training_eos", "load_recipe_tokenizer",
            "validate_recipe"]
 
 
@@ -75,10 +78,20 @@ def load_recipe_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
                           f"folder (relative to {Path.cwd()}) nor a model that loads from the hub ({error})") from error
 
 
-def check_corpus(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Compare each loader's corpus manifest with the recipe (see the module docstring)."""
+def check_algorithms_with_tokenizer(cfg: TrainConfig, algorithms: list[Algorithm],
+                                    tokenizer: PreTrainedTokenizerBase) -> None:
+    """A ReMask ``mask_token_id`` names a token of the run's tokenizer (ReMask's tokens included)."""
+    for name, algorithm in zip(named_sections(cfg, "algorithms"), algorithms, strict=True):
+        token_id = getattr(getattr(algorithm, "options", None), "mask_token_id", None)
+        if isinstance(algorithm, ReMask) and token_id is not None and token_id >= len(tokenizer):
+            raise ConfigError(
+                f"{cfg.where(f'algorithms.{name}.mask_token_id')}: {token_id} is outside the tokenizer's vocabulary "
+                f"({len(tokenizer)} tokens with ReMask's, ids 0 to {len(tokenizer) - 1}); remove the key to use "
+                f"<|mask|> (id {tokenizer.convert_tokens_to_ids('<|mask|>')}), or give an id below {len(tokenizer)}")
 
-    recipe_hash: str | None = None
+
+def check_corpus(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Compare each loader's corpus manifest with the recipe (``data/manifest.check_corpus_manifest``)."""
     for key in ("train_loader", "eval_loader"):
         section = getattr(cfg, key)
         if not section:
@@ -87,26 +100,11 @@ def check_corpus(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> None:
         seq_key = f"{key}.max_seq_len" if "max_seq_len" in section else "max_seq_len"
         for path in corpus_manifests(section):
             try:
-                manifest = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as error:
-                raise ConfigError(f"{cfg.where(key)}: cannot read the corpus manifest {path}: {error}") from error
-            built_with = manifest.get("tokenizer") or {}
-            corpus_hash = built_with.get("vocab_sha256")
-            if corpus_hash:
-                recipe_hash = recipe_hash or vocabulary_hash(tokenizer)
-                if corpus_hash != recipe_hash:
-                    raise ConfigError(
-                        f"{cfg.where('tokenizer.name')}: the recipe's tokenizer {cfg.tokenizer.get('name')!r} "
-                        f"(vocabulary sha256 {recipe_hash}, {len(tokenizer)} tokens) is not the one {path} was "
-                        f"built with ({built_with.get('name')!r}, vocabulary sha256 {corpus_hash}, "
-                        f"{built_with.get('vocab_size')} tokens): the token ids would mean other tokens. "
-                        "Rebuild the corpus with this tokenizer, or train with the corpus's.")
-            corpus_len = manifest.get("max_seq_len")
-            if isinstance(corpus_len, int) and isinstance(seq_len, int) and seq_len < corpus_len:
-                raise ConfigError(
-                    f"{cfg.where(seq_key)}: {seq_len} is shorter than the max_seq_len {corpus_len} that {path} "
-                    f"was built with: rows would be cut at {seq_len} tokens, CoT answers included. Set "
-                    f"{seq_key}: {corpus_len} (or more), or rebuild the corpus with --max-seq-len {seq_len}.")
+                check_corpus_manifest(path, tokenizer, seq_len, tokenizer_name=str(cfg.tokenizer.get("name")),
+                                      seq_key=seq_key)
+            except CorpusMismatchError as error:
+                where = {"tokenizer": "tokenizer.name", "max_seq_len": seq_key}.get(error.setting or "", key)
+                raise ConfigError(f"{cfg.where(where)}: {error}") from error
 
 
 def check_training_eos(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase, model_config: Any) -> None:

@@ -5,7 +5,8 @@
    schedule constructed once, the tokenizer, and the corpus manifest against the recipe;
 2. data, model, optimizer, schedule, algorithms, callbacks, loggers;
 3. ``Trainer.fit()`` with checkpoints and autoresume (unreadable checkpoints left by a crash are moved
-   aside first; every checkpoint load is checked to be safe, see ``composer_remask/checkpoints.py``), stopped at the
+   aside first; a folder of another recipe's run is refused and a finished run is left alone, see
+   ``identity.py``; every checkpoint load is checked to be safe, see ``composer_remask/checkpoints.py``), stopped at the
    first non-finite loss;
 4. export a Hugging Face folder and print a summary.
 """
@@ -36,9 +37,11 @@ from composer_remask.train.builders import (
     build_scheduler,
 )
 from composer_remask.train.config import ConfigError, TrainConfig, load_config
+from composer_remask.train.identity import RunFinished, check_run_folder
 from composer_remask.train.preflight import (
     NonFiniteLossError,
     NonFiniteLossGuard,
+    check_algorithms_with_tokenizer,
     check_corpus,
     check_training_eos,
     load_recipe_tokenizer,
@@ -69,15 +72,17 @@ def import_code_paths(paths: Sequence[str], where: str = "code_paths") -> None:
 def build_trainer(cfg: TrainConfig) -> tuple[Trainer, RunReport]:
     """Every object of the recipe, then the Trainer (which starts the process group)."""
     import_code_paths(cfg.code_paths or [], cfg.where("code_paths"))
+    as_written = cfg  # the run's identity: the recipe, not what this machine's cross-section rules made of it
     cfg = apply_cross_section_rules(cfg)
     algorithms = validate_recipe(cfg)  # constructed once, here
     install_safe_loading(trusted=cfg.trust_checkpoint_pickle)
     reproducibility.seed_all(cfg.seed)  # random-init weights depend on the recipe's seed
 
     tokenizer = load_recipe_tokenizer(cfg)
+    check_algorithms_with_tokenizer(cfg, algorithms, tokenizer)
     check_corpus(cfg, tokenizer)
     if cfg.autoresume:
-        prepare_save_folder(cfg)
+        prepare_save_folder(as_written)  # may stop here: another run's folder, or a finished run
     sizes = build_batch_sizes(cfg)
     train_loader, eval_loader = build_loaders(cfg, tokenizer, sizes)
     parallelism_config = build_parallelism_config(cfg)
@@ -130,17 +135,23 @@ def build_trainer(cfg: TrainConfig) -> tuple[Trainer, RunReport]:
 
 
 def prepare_save_folder(cfg: TrainConfig) -> None:
-    """Before autoresume: move checkpoints cut short by a crash aside and repoint ``latest`` (rank 0)."""
+    """Before autoresume (rank 0): move checkpoints cut short by a crash aside and repoint ``latest``, then
+    check that the folder is this recipe's run and not finished (``identity.check_run_folder``)."""
     from composer.utils import format_name_with_dist
 
     if not cfg.save_folder or "://" in cfg.save_folder or dist.get_global_rank() != 0:
         return
     folder = format_name_with_dist(cfg.save_folder, cfg.run_name or "")
-    recover_save_folder(folder)
+    check_run_folder(cfg, folder, recover_save_folder(folder))
 
 
 def train(cfg: TrainConfig) -> RunSummary:
-    """Train the recipe, export it, and return the summary (printed on rank 0)."""
+    """Train the recipe, export it, and return the summary (printed on rank 0).
+
+    Raises :class:`~composer_remask.train.identity.RunFinished` (``train.py`` exits 0) when autoresume
+    finds the run already at ``max_duration``, and ``RunIdentityError`` (a ``ConfigError``) when the
+    save folder holds another recipe's run; both before anything heavy is built.
+    """
     trainer, report = build_trainer(cfg)
     try:
         if cfg.eval_first and trainer.state.evaluators and int(trainer.state.timestamp.batch) == 0:
@@ -197,4 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 3
+    except RunFinished as finished:  # not an error: the run the folder holds is done
+        print(f"{parser.prog}: {finished}", flush=True)
+        return 0
     return 0

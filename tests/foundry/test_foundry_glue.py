@@ -79,3 +79,23 @@ def test_mds_loader_names_the_bad_setting(foundry_assets, kwargs, message):
     with pytest.raises(ValueError, match="remask_mds") as error:
         build_remask_dataloader(**arguments)
     assert message in str(error.value)
+
+
+def test_mds_loader_refuses_a_recipe_shorter_than_the_corpus(foundry_assets):
+    """The corpus was built with max_seq_len 128: a shorter loader would cut rows silently."""
+    with pytest.raises(ValueError, match="remask_mds") as error:
+        build_remask_dataloader(tokenizer=load_remask_tokenizer(str(foundry_assets["tokenizer"])), device_batch_size=2,
+                                dataset={"local": str(foundry_assets["corpus"] / "tinycot"), "max_seq_len": 64})
+    assert "64 is shorter than the max_seq_len 128" in str(error.value)
+    assert "train_loader.dataset.max_seq_len: 128" in str(error.value)
+
+
+def test_mds_loader_refuses_a_corpus_built_with_another_tokenizer(foundry_assets):
+    from tests.helpers.assets import TINY_TOKENIZER
+
+    with pytest.raises(ValueError, match="remask_mds") as error:
+        build_remask_dataloader(tokenizer=load_remask_tokenizer(str(TINY_TOKENIZER)), device_batch_size=2,
+                                dataset={"local": str(foundry_assets["corpus"] / "tinycot"), "max_seq_len": 128})
+    message = str(error.value)
+    assert "is not the one" in message and str(foundry_assets["corpus"] / "manifest.json") in message
+    assert "tokenizer: {name: remask_tokenizer" in message

@@ -334,7 +334,11 @@ def test_auto_weighting_is_exact_whatever_the_dataspec_counts(tiny_tokenizer):
         assert results[microbatch][1] == pytest.approx(results[4][1], abs=1e-5)
 
 
-def test_label_rules_without_token_roles_warn_once(tiny_tokenizer):
+def test_label_rules_set_explicitly_without_token_roles_warn_once(tiny_tokenizer):
+    """An explicit rule that cannot apply warns once; the defaults (``None``: the card's 0.1 where roles
+    exist) and rules turned off stay silent, as ``algorithms: {remask: {}}`` on llm-foundry's loaders does."""
+    import warnings
+
     def collate_without_roles(examples):
         batch = collate(examples)
         del batch["token_roles"]
@@ -344,17 +348,16 @@ def test_label_rules_without_token_roles_warn_once(tiny_tokenizer):
     model = build_model(tiny_tokenizer)
     with pytest.warns(UserWarning, match="do nothing: the batches have no 'token_roles'") as record:
         Trainer(model=model, train_dataloader=loader, max_duration="2ba", device="cpu", progress_bar=False,
-                optimizers=torch.optim.SGD(model.parameters(), lr=0.1), algorithms=[ReMask()]).fit()
+                optimizers=torch.optim.SGD(model.parameters(), lr=0.1),
+                algorithms=[ReMask(rationale_label_drop_prob=0.1)]).fit()
     assert sum("token_roles" in str(w.message) for w in record) == 1
-    import warnings
-
-    with warnings.catch_warnings(record=True) as quiet:
-        warnings.simplefilter("always")
-        second = build_model(tiny_tokenizer)
-        Trainer(model=second, train_dataloader=loader, max_duration="1ba", device="cpu", progress_bar=False,
-                algorithms=[ReMask(rationale_label_drop_prob=0, answer_only_prob=0)],
-                optimizers=torch.optim.SGD(second.parameters(), lr=0.1)).fit()
-    assert not any("token_roles" in str(w.message) for w in quiet)  # silent once the rules are off
+    for quiet_algorithm in (ReMask(), ReMask(rationale_label_drop_prob=0, answer_only_prob=0)):
+        with warnings.catch_warnings(record=True) as quiet:
+            warnings.simplefilter("always")
+            second = build_model(tiny_tokenizer)
+            Trainer(model=second, train_dataloader=loader, max_duration="1ba", device="cpu", progress_bar=False,
+                    algorithms=[quiet_algorithm], optimizers=torch.optim.SGD(second.parameters(), lr=0.1)).fit()
+        assert not any("token_roles" in str(w.message) for w in quiet), quiet_algorithm
 
 
 def test_auto_weighting_reads_tensor_counts(tiny_tokenizer):

@@ -34,3 +34,15 @@ def test_the_function_checks_its_arguments_as_remask_does(tiny_tokenizer):
                              ({"mask_strategy": "zero"}, "mask_strategy"), ({"masked_only": True}, "weight=0")):
         with pytest.raises(ValueError, match=match):
             remask_step_loss(model, batch, tokenizer=tiny_tokenizer, **arguments)
+
+
+def test_label_rules_left_unset_are_the_cards_where_batches_carry_roles(tiny_tokenizer):
+    """``None`` (the default) is the card's 0.1 where ``token_roles`` exist, not "off"."""
+    batch = collate([CoTDataset(tiny_tokenizer, 4)[i] for i in range(4)])
+    model = build_model(tiny_tokenizer).model.train()
+    default = remask_step_loss(model, batch, tokenizer=tiny_tokenizer, seed=5)
+    card = remask_step_loss(model, batch, tokenizer=tiny_tokenizer, seed=5, rationale_label_drop_prob=0.1,
+                            answer_only_prob=0.1)
+    assert all(default[key].item() == card[key].item() for key in card)
+    assert ReMask().options.label_rule_probs == (0.1, 0.1)
+    assert "rationale_label_drop_prob=None" in repr(ReMask())

@@ -179,7 +179,7 @@ def test_fsdp_keys_are_checked(tmp_path):
 
 
 def test_gpu_only_settings_fail_on_cpu():
-    with pytest.raises(ConfigError, match=r"precision: 'amp_bf16' needs a CUDA GPU"):
+    with pytest.raises(ConfigError, match=r"precision: 'amp_bf16' is mixed precision for CUDA GPUs.*on CPU set precision: fp32"):
         validate_sections(load_config(REPO / "yamls/remask_3b.yaml"), cuda_available=False)
     with pytest.raises(ConfigError, match="'auto' needs a CUDA GPU"):
         validate_sections(load_config(TINY_RECIPE, ["device_train_microbatch_size=auto"]), cuda_available=False)

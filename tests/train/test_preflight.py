@@ -50,6 +50,14 @@ BAD_VALUES = [
     ("scheduler.pct_start=-.inf", "scheduler.pct_start"),
     ("tokenizer.name=./no-such-tokenizer", "tokenizer.name"),
     ("code_paths=[./no_such_plugin.py]", "code_paths"),
+    ("seed=-1", "seed"),
+    ("seed=4294967296", "seed"),
+    ("seed=abc", "seed"),
+    ("seed=1.5", "seed"),
+    ("algorithms.remask.mask_token_id=999999", "algorithms.remask.mask_token_id"),
+    ("algorithms.remask.mask_token_id=2053", "algorithms.remask.mask_token_id"),  # len(tiny tokenizer)
+    ("load_path=./no-such-checkpoint.pt", "load_path"),
+    ("precision=bf16", "precision"),
 ]
 
 
@@ -60,6 +68,28 @@ def test_bad_value_fails_before_data_and_model(override, key, sample_corpus, tmp
     err = rejected(capsys, TINY_RECIPE, [*tiny_overrides(sample_corpus, tmp_path / "run"), override])
     assert "Traceback" not in err
     assert str(TINY_RECIPE) in err and key in err, err
+
+
+def test_mixed_precision_on_cpu_says_to_use_fp32():
+    from composer_remask.train.builders import validate_sections
+
+    for precision in ("amp_bf16", "amp_fp16"):
+        cfg = load_config(TINY_RECIPE, [f"precision={precision}"])
+        with pytest.raises(ConfigError, match=r"precision: .*on CPU set precision: fp32"):
+            validate_sections(cfg, cuda_available=False)
+        validate_sections(cfg, cuda_available=True)
+    with pytest.raises(ConfigError, match=r"precision: 'bf16' is not a precision .*amp_bf16"):
+        validate_sections(load_config(TINY_RECIPE, ["precision=bf16"]), cuda_available=True)
+
+
+@pytest.mark.parametrize("key", ["save_folder", "export_folder"])
+def test_output_folder_that_is_a_file_is_refused(key, sample_corpus, tmp_path, capsys, nothing_heavy):
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a folder")
+    for folder in (blocker, blocker / "below"):
+        err = rejected(capsys, TINY_RECIPE, [*tiny_overrides(sample_corpus, tmp_path / "run"), f"{key}={folder}"])
+        assert "Traceback" not in err
+        assert f"{TINY_RECIPE}" in err and f"{key}: " in err and "is a file" in err, err
 
 
 def test_nan_written_in_yaml_names_the_file_and_key(tmp_path, capsys, sample_corpus, nothing_heavy):
