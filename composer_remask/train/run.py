@@ -135,14 +135,28 @@ def build_trainer(cfg: TrainConfig) -> tuple[Trainer, RunReport]:
 
 
 def prepare_save_folder(cfg: TrainConfig) -> None:
-    """Before autoresume (rank 0): move checkpoints cut short by a crash aside and repoint ``latest``, then
-    check that the folder is this recipe's run and not finished (``identity.check_run_folder``)."""
+    """Before autoresume: rank 0 moves checkpoints cut short by a crash aside and repoints ``latest``, then
+    checks that the folder is this recipe's run and not finished (``identity.check_run_folder``). With
+    several processes, every rank gets rank 0's verdict, so all of them stop or go on together (one rank
+    stopping alone would leave the others waiting for it until ``dist_timeout``)."""
     from composer.utils import format_name_with_dist
 
-    if not cfg.save_folder or "://" in cfg.save_folder or dist.get_global_rank() != 0:
+    if not cfg.save_folder or "://" in cfg.save_folder:
         return
-    folder = format_name_with_dist(cfg.save_folder, cfg.run_name or "")
-    check_run_folder(cfg, folder, recover_save_folder(folder))
+    verdict: Exception | None = None
+    if dist.get_global_rank() == 0:
+        folder = format_name_with_dist(cfg.save_folder, cfg.run_name or "")
+        try:
+            check_run_folder(cfg, folder, recover_save_folder(folder))
+        except (RunFinished, ConfigError) as stop:
+            verdict = stop
+    if dist.get_world_size() > 1:
+        dist.initialize_dist(None, timeout=cfg.dist_timeout)  # what the Trainer would start a moment later
+        shared = [verdict]
+        dist.broadcast_object_list(shared, src=0)
+        verdict = shared[0]
+    if verdict is not None:
+        raise verdict
 
 
 def train(cfg: TrainConfig) -> RunSummary:

@@ -89,3 +89,25 @@ def test_a_folder_without_checkpoints_takes_the_new_runs_identity(sample_corpus,
     assert reached_data == ["data"]
     recorded = json.loads((folder / IDENTITY_NAME).read_text())
     assert recorded["identity"]["optimizer"]["lr"] == 0.002
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_every_process_of_a_launch_stops_at_a_finished_run(sample_corpus, tmp_path):
+    """Rank 0 alone used to stop; the other rank waited for it until dist_timeout."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from tests.helpers.recipes import run_train
+
+    overrides, folder = _run_folder(sample_corpus, tmp_path, "ep3-ba36-rank0.pt")
+    write_identity(folder, load_config(TINY_RECIPE, overrides))
+    (folder / "summary.json").write_text(json.dumps({"batches": 36}))
+    composer = shutil.which("composer") or str(Path(sys.executable).parent / "composer")
+    done = run_train([str(TINY_RECIPE), *overrides, "dist_timeout=120"], cwd=tmp_path,
+                     launcher=[composer, "-n", "2", "--stdout", str(tmp_path / "rank{rank}.out"),
+                               "--stderr", str(tmp_path / "rank{rank}.err")])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Rank 0 prints through the launcher, rank 1 to its file: both stopped on the same verdict.
+    assert "already finished" in done.stdout and "already finished" in (tmp_path / "rank1.out").read_text()
