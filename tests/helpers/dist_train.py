@@ -4,7 +4,8 @@ Run from the repository root as ``PYTHONPATH=. composer -n 2 tests/helpers/dist_
 ``PYTHONPATH=. python tests/helpers/dist_train.py OUT`` (it imports ``tests.helpers``).
 With one process the samples come in their natural order; with two, DistributedSampler interleaves
 them (rank r holds samples r, r+2, ...). Both runs see the same global batches, laid out differently:
-masks keyed on content make them train identically. Rank 0 saves weights and losses to OUT.
+masks keyed on content make them train identically. Rank 0 saves weights and losses to OUT. An optional second argument ``float64`` trains the model in
+float64 (one process): the reference that measures the float32 runs' rounding (``tests.helpers.tolerances``).
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ from tests.helpers.training import build_model
 GLOBAL_BATCH = 4
 
 
-def main(out: str) -> None:
+def main(out: str, dtype: torch.dtype = torch.float32) -> None:
     tokenizer = train_tiny_tokenizer(TINY_TEXT, 400)
     data = CoTDataset(tokenizer, 12)
     world = dist.get_world_size()
     sampler = None if world == 1 else dist.get_sampler(data, shuffle=False)  # interleaved across ranks
     loader = DataLoader(data, batch_size=GLOBAL_BATCH // world, sampler=sampler, collate_fn=collate)
-    model = build_model(tokenizer, seed=0)
+    model = build_model(tokenizer, seed=0).to(dtype)
     logger = InMemoryLogger()
     trainer = Trainer(model=model, train_dataloader=loader, max_duration="3ba", device="cpu",
                       optimizers=torch.optim.SGD(model.parameters(), lr=0.5), device_train_microbatch_size=1,
@@ -46,4 +47,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], torch.float64 if sys.argv[2:] == ["float64"] else torch.float32)

@@ -7,6 +7,16 @@ import socket
 import torch
 
 SHAPES = [(4, 6), (6,), (1,)]  # a matrix, a vector, and a (1,) tensor whose ratio is skipped
+# Float64 roundings one Lilith step adds to an element, relative: ~20 (trust ratio, both moments, the
+# second moment, the normalised update, decay) plus the trust ratio's two norms, each a sum of at most
+# 24 elements (24 ulps each).
+STEP_ULPS = 20 + 2 * 24
+
+
+def lilith_rtol(steps: int) -> float:
+    """Two float64 routes to ``steps`` Lilith steps (sharded and whole, or Lilith and the formulas):
+    each rounds by at most ``STEP_ULPS`` per step, relative."""
+    return 2 * steps * STEP_ULPS * torch.finfo(torch.float64).eps
 
 
 def seeded_tensors(seed: int):

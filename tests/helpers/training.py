@@ -30,8 +30,10 @@ def token_data_spec(loader):
 
 
 def run(tokenizer, algorithms, *, microbatch=4, batch=4, n=8, duration="1ba", seed=0, metrics=True,
-        on_tokens=False, token_spec=False, dataset=None, lr=0.5, **trainer_kwargs):
+        on_tokens=False, token_spec=False, dataset=None, lr=0.5, dtype=None, **trainer_kwargs):
     model = build_model(tokenizer, seed, metrics)
+    if dtype is not None:  # float64: the reference that measures a float32 run's rounding (tests.helpers.tolerances)
+        model = model.to(dtype)
     loader = DataLoader(dataset if dataset is not None else CoTDataset(tokenizer, n), batch_size=batch,
                         collate_fn=collate)
     logger = InMemoryLogger()

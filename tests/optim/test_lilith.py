@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from composer_remask.optim import Lilith
+from tests.helpers.lilith_cases import lilith_rtol
 
 EPS, B1, B2, BV, WD = 1e-8, 0.9, 0.99, 0.999, 0.01
 
@@ -22,7 +23,7 @@ def test_first_step_by_hand():
     # v = 0.001 u^2, v_hat = v / (1 - 0.999) = u^2; u / sqrt(u^2 + 1e-8); then + 0.01 theta.
     expected = [3.0 - 0.1 * (0.303 / math.sqrt(0.303**2 + 1e-8) + 0.03),
                 4.0 - 0.1 * (0.404 / math.sqrt(0.404**2 + 1e-8) + 0.04)]
-    assert theta.detach().tolist() == pytest.approx(expected, rel=1e-12)
+    assert theta.detach().tolist() == pytest.approx(expected, rel=lilith_rtol(1), abs=0)  # one step, two routes
 
 
 def reference_lilith(theta, grads, lr, acceleration=1.0, bias_correction=True, skip_trust=False):
@@ -64,7 +65,7 @@ def test_several_steps_match_reference(acceleration, bias_correction):
     for grad, want in zip(GRADS, expected):
         theta.grad = torch.tensor(grad, dtype=torch.float64)
         optimizer.step()
-        assert theta.detach().tolist() == pytest.approx(want, rel=1e-10, abs=1e-12)
+        assert theta.detach().tolist() == pytest.approx(want, rel=lilith_rtol(len(GRADS)), abs=0)
 
 
 @pytest.mark.parametrize("shape", [(), (1,)])
@@ -145,4 +146,6 @@ def test_ema_copies_the_average_every_k_steps():
     ema = start + 0.5 * (plain_after[0] - start)
     theta.grad = grads[1].clone()
     optimizer.step()  # step 2: plain update, ema <- ema + 0.5 (theta - ema), then theta <- ema
-    torch.testing.assert_close(theta.detach(), ema + 0.5 * (plain_after[1] - ema), rtol=1e-12, atol=0)
+    # Both sides: two average updates of 3 float64 roundings each from the same values (12 in all).
+    torch.testing.assert_close(theta.detach(), ema + 0.5 * (plain_after[1] - ema), rtol=12 * torch.finfo(torch.float64).eps,
+                               atol=0)
