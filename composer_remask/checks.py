@@ -1,4 +1,5 @@
-"""The one check behind every float option: the Python API, the recipes and the command lines.
+"""The one check behind every float option (and the one behind every output path): the Python API,
+the recipes and the command lines.
 
 ``nan < 0`` is false, so a plain range check lets NaN through and a run trains a NaN model that
 exits 0. Every float argument goes through :func:`finite_number`, and a whole recipe through
@@ -8,9 +9,11 @@ exits 0. Every float argument goes through :func:`finite_number`, and a whole re
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any
 
-__all__ = ["finite_number", "non_finite_numbers"]
+__all__ = ["finite_number", "non_finite_numbers", "blocking_ancestor"]
 
 
 def finite_number(value: object, what: str, *, low: float | None = None, high: float | None = None,
@@ -61,3 +64,14 @@ def non_finite_numbers(tree: Any, prefix: str = "") -> list[tuple[str, float]]:
     for key, value in items:
         found += non_finite_numbers(value, f"{prefix}.{key}" if prefix else str(key))
     return found
+
+
+def blocking_ancestor(path: str | Path) -> Path | None:
+    """What stops ``path`` (a file or folder to create, or to write into) from being written, checked
+    before any work: the nearest existing path at or above it when that is a file or a folder this
+    process cannot write; ``None`` when nothing does."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+        return None
+    return existing

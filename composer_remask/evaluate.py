@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from composer_remask.batch import ANSWER_TAG, USER_TAG
-from composer_remask.checks import finite_number
+from composer_remask.checks import blocking_ancestor, finite_number
 from composer_remask.data.formats import format_cot_prompt
 
 __all__ = [
@@ -393,8 +392,8 @@ def _output_path(text: str) -> Path:
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text}: is a folder; give the JSON file's path")
-    existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    existing = blocking_ancestor(path.parent)
+    if existing is not None:
         raise argparse.ArgumentTypeError(f"{text}: {existing} is not a writable folder")
     return path
 

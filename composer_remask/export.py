@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import os
 import re
 import shutil
 import sys
@@ -28,6 +27,7 @@ from composer.utils import dist
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerBase
 
 from composer_remask.checkpoints import load_composer_checkpoint
+from composer_remask.checks import blocking_ancestor
 from composer_remask.runtime import unwrap_ddp
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,8 @@ def check_export_target(out_dir: str | Path) -> None:
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").is_file():
         raise FileExistsError(f"export target {out_dir} is a folder that holds something other than an earlier "
                               "export (no config.json); it is not replaced: choose another path or empty it")
-    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    existing = blocking_ancestor(out_dir)
+    if existing is not None:
         raise PermissionError(f"export target {out_dir}: {existing} is not a writable folder")
 
 

@@ -7,7 +7,6 @@ wrong type is reported with the recipe's file and the dotted key before anything
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import typing
 import warnings
@@ -23,6 +22,7 @@ from composer.utils.parallelism import FSDPConfig
 from transformers import PreTrainedTokenizerBase
 
 from composer_remask.arguments import check_type
+from composer_remask.checks import blocking_ancestor
 from composer_remask.data.tokenizer import load_tokenizer
 from composer_remask.train import registry
 from composer_remask.train.config import ConfigError, TrainConfig, check_kwargs
@@ -300,15 +300,12 @@ def _output_folder_problem(folder: str | None, run_name: str | None) -> str | No
     if not folder or "://" in folder:
         return None
     path = Path(format_name_with_dist(folder, run_name or "")).expanduser().absolute()
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    existing = blocking_ancestor(path)
     if existing is None:
         return None
     if not existing.is_dir():
         what = "is a file" if existing == path else f"cannot be created: {existing} is a file"
         return f"{str(path)!r} {what}; choose a folder path (or move the file away)"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return (f"{str(path)!r} cannot be written: no write permission on {existing}; choose a folder you can write "
-                "to")
-    return None
+    return f"{str(path)!r} cannot be written: no write permission on {existing}; choose a folder you can write to"
 
 
