@@ -10,8 +10,10 @@ Written against the versions ``pyproject.toml`` pins (:data:`WRITTEN_AGAINST`, c
    samples, or its ``loss_generating`` tokens under ``accumulate_train_batch_on_tokens``), receives
    ``current_batch_size`` (the same count for the rank's whole batch, averaged over ranks), and
    multiplies the loss by their ratio. The function reads those two locals off the call stack. Only
-   ``ReMask(loss_weighting='auto')`` uses it, as the fallback for Trainers this project does not
-   build; the project's recipes state the mode (``train/transforms.py``).
+   ``ReMask(loss_weighting='auto')`` uses the weight, as the fallback for Trainers this project does not
+   build; the project's recipes state the mode (``train/transforms.py``). A batch count of 0 (every
+   label ignored, under token weighting) would make Composer divide by zero after the forward: ReMask
+   reads it first (:func:`composer_microbatch_counts`) to refuse the batch by name.
 2. **How Composer applies that weight** (:func:`loss_scaled_in_place`, :func:`weight_applied_in_place`):
    ``microbatch_loss.mul_(microbatch_size / current_batch_size)`` on ``state.loss['total']``
    itself, after ``Event.BEFORE_BACKWARD``; under a grad scaler (``amp_fp16``) it scales a copy.
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["WRITTEN_AGAINST", "composer_microbatch_weight", "load_sharded_checkpoint", "loss_scaled_in_place",
+__all__ = ["WRITTEN_AGAINST", "composer_microbatch_counts", "composer_microbatch_weight", "load_sharded_checkpoint", "loss_scaled_in_place",
            "weight_applied_in_place"]
 
 # The requirements of pyproject.toml this module was written against (kept equal by a test).
@@ -49,6 +51,16 @@ def composer_microbatch_weight(max_depth: int = 32) -> float | None:
     ``BEFORE_BACKWARD``), when Composer has computed both counts from its own DataSpec and its own
     ``accumulate_train_batch_on_tokens`` setting. Returns ``None`` outside such a call.
     """
+    counts = composer_microbatch_counts(max_depth + 1)
+    return counts[0] / counts[1] if counts is not None and counts[1] > 0 else None
+
+
+def composer_microbatch_counts(max_depth: int = 32) -> tuple[float, float] | None:
+    """``(microbatch, batch)``: the two counts Composer divides to weight this microbatch, if found.
+
+    A batch count of 0 (no loss-generating token under ``accumulate_train_batch_on_tokens``) is
+    returned as it is: Composer will divide by it. ``None`` outside a Trainer's microbatch.
+    """
     from composer import Trainer
 
     frame = inspect.currentframe()
@@ -63,7 +75,7 @@ def composer_microbatch_weight(max_depth: int = 32) -> float | None:
             if not isinstance(scope.get("self"), Trainer):
                 continue
             size, total = _number(scope.get(_MICROBATCH_SIZE)), _number(scope.get(_BATCH_SIZE))
-            return size / total if size is not None and total is not None and total > 0 else None
+            return (size, total) if size is not None and total is not None else None
         return None
     finally:
         del frame

@@ -28,7 +28,11 @@ from composer.loggers import Logger
 from composer.utils import dist
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from composer_remask._private_api import composer_microbatch_weight, loss_scaled_in_place
+from composer_remask._private_api import (
+    composer_microbatch_counts,
+    composer_microbatch_weight,
+    loss_scaled_in_place,
+)
 from composer_remask.arguments import check_arguments
 from composer_remask.batch import (
     DIVERGENCE_MASK_KEY,
@@ -312,6 +316,7 @@ class ReMask(Algorithm):
     # ------------------------------------------------------------------------------ BEFORE_FORWARD
 
     def _double_batch(self, state: State) -> None:
+        self._refuse_batch_composer_divides_by_zero(state)
         problem = microbatch_problem(state.batch, self._vocabulary, self.layout)
         if problem is not None:
             others = [type(a).__name__ for a in state.algorithms if a is not self]
@@ -330,6 +335,19 @@ class ReMask(Algorithm):
             self._capture.install(self._composer_model.model)
         state.batch = inputs
         self._inputs = (inputs, {k: (v, v._version) for k, v in inputs.items() if isinstance(v, torch.Tensor)})
+
+    def _refuse_batch_composer_divides_by_zero(self, state: State) -> None:
+        """Composer divides each microbatch's loss by the batch's count; with token weighting and no
+        loss-generating token that count is 0, and it would end in a raw ZeroDivisionError after the forward."""
+        counts = composer_microbatch_counts()
+        if counts is None or counts[1] > 0:
+            return
+        raise ValueError(
+            f"ReMask: batch {int(state.timestamp.batch)} has no loss-generating token on any rank (every label is "
+            "-100), and the Trainer weights microbatches by loss-generating tokens (accumulate_train_batch_on_tokens="
+            "True), so Composer would divide by zero. Drop rows without a response label in the data (check the "
+            "collator's labels), or weight by samples (accumulate_train_batch_on_tokens=False), where such a batch "
+            "trains nothing and is counted in remask/batches_without_labels.")
 
     # ------------------------------------------------------------------------------- AFTER_FORWARD
 

@@ -540,3 +540,22 @@ def test_a_batch_without_labels_warns_and_is_counted(tiny_tokenizer):
         Trainer(model=build_model(tiny_tokenizer), train_dataloader=loader, max_duration="2ba",
                 algorithms=[ReMask()], device="cpu", progress_bar=False, loggers=[logger]).fit()
     assert logged(logger, "remask/batches_without_labels") == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("loss_weighting", ["auto", "tokens"])
+def test_a_batch_without_labels_under_token_weighting_is_a_named_error(tiny_tokenizer, loss_weighting):
+    """Composer divides each microbatch's loss by the batch's loss-generating tokens: with none, it used to
+    end in a raw ZeroDivisionError (after ReMask's warning). It is refused before the forward, by name."""
+    from composer.core import DataSpec
+
+    from composer_remask.data.dataset import get_num_tokens_in_batch
+
+    loader = DataSpec(_labelled_batches(tiny_tokenizer, lambda labels: torch.full_like(labels, -100)),
+                      get_num_tokens_in_batch=get_num_tokens_in_batch)  # counts loss-generating tokens
+    trainer = Trainer(model=build_model(tiny_tokenizer), train_dataloader=loader, max_duration="1ba",
+                      algorithms=[ReMask(loss_weighting=loss_weighting)], device="cpu", progress_bar=False,
+                      accumulate_train_batch_on_tokens=True)
+    with pytest.warns(RuntimeWarning, match="a batch has no label to train on"), \
+            pytest.raises(ValueError, match=r"ReMask: batch 0 has no loss-generating token .*"
+                                            r"accumulate_train_batch_on_tokens=True.*divide by zero"):
+        trainer.fit()
