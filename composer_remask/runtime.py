@@ -3,6 +3,7 @@ and the FLOP count of the passes a batch really runs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from composer.core import State, TimeUnit
 
 from composer_remask.batch import COUNTS_PASSES_ATTR, forward_passes
 
-__all__ = ["PassCountingFlops", "run_length_in_batches", "unwrap_ddp"]
+__all__ = ["ForwardPreHook", "PassCountingFlops", "run_length_in_batches", "unwrap_ddp"]
 
 # Marks the flops_per_batch wrapper installed for a fit, and holds the one-pass count it wraps.
 _ONE_PASS_ATTR = "remask_one_pass_flops"
@@ -51,7 +52,8 @@ class PassCountingFlops:
     def __init__(self) -> None:
         self._installed: tuple[Any, Any] | None = None
 
-    def install(self, model: Any) -> None:
+    def install(self, model: Any, passes: Callable[[Any], float] = forward_passes) -> None:
+        """Wrap ``model.flops_per_batch`` so it counts ``passes(batch)`` passes (default: ``forward_passes``)."""
         if getattr(model, COUNTS_PASSES_ATTR, False) or not callable(getattr(model, "flops_per_batch", None)):
             return
         one_pass = getattr(model.flops_per_batch, _ONE_PASS_ATTR, model.flops_per_batch)
@@ -59,7 +61,7 @@ class PassCountingFlops:
         self._installed = (model, None if own is None or hasattr(own, _ONE_PASS_ATTR) else own)
 
         def flops_per_batch(batch: Any) -> float:
-            return forward_passes(batch) * one_pass(batch)
+            return passes(batch) * one_pass(batch)
 
         setattr(flops_per_batch, _ONE_PASS_ATTR, one_pass)
         model.flops_per_batch = flops_per_batch
@@ -72,3 +74,20 @@ class PassCountingFlops:
             model.flops_per_batch = own
         else:
             vars(model).pop("flops_per_batch", None)
+
+
+class ForwardPreHook:
+    """One forward pre-hook (with keyword arguments) at a time on a module; removed by :meth:`remove`."""
+
+    def __init__(self) -> None:
+        self._handle: Any = None
+
+    def install(self, module: torch.nn.Module | None, hook: Callable[..., None]) -> None:
+        self.remove()  # left by a forward that never ran (e.g. an OOM retried by Composer)
+        if module is not None:
+            self._handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

@@ -60,13 +60,23 @@ from composer_remask.remask.loss_weighting import (
 )
 from composer_remask.remask.masking import MaskVocabulary
 from composer_remask.remask.options import RemaskOptions, at_least
-from composer_remask.remask.prepared_batch import forward_batch, microbatch_problem, prepare_batch
-from composer_remask.runtime import PassCountingFlops, run_length_in_batches, unwrap_ddp
+from composer_remask.remask.prepared_batch import microbatch_problem, model_inputs, prepare_batch
+from composer_remask.remask.shared_prefix import (
+    FORWARD_LAYOUT_AUTO,
+    FORWARD_LAYOUT_SHARED,
+    FORWARD_LAYOUT_STACKED,
+    FORWARD_LAYOUTS,
+    SharedPrefixRows,
+    attention_mask_dtype,
+    choose_shared_prefix,
+    shared_prefix_passes,
+)
+from composer_remask.runtime import ForwardPreHook, PassCountingFlops, run_length_in_batches, unwrap_ddp
 
 log = logging.getLogger(__name__)
 
 # ReMask's arguments that are not the method's options (RemaskOptions): how it runs inside a Trainer.
-_TRAINER_ARGUMENTS = ("mask_prob_warmup", "seed", "loss_weighting", "loss_impl", "chunk_rows")
+_TRAINER_ARGUMENTS = ("mask_prob_warmup", "seed", "loss_weighting", "loss_impl", "chunk_rows", "forward_layout")
 
 
 class ReMask(Algorithm):
@@ -105,6 +115,11 @@ class ReMask(Algorithm):
             it from their Trainer's settings. Checked on the first microbatch.
         loss_impl: ``hidden`` computes logits chunk by chunk from the final hidden states (lean),
             ``logits`` uses the model's logits; ``auto`` picks ``hidden`` when the model allows it.
+        forward_layout: how the two passes run in their one forward. ``shared_prefix`` runs each row
+            once with its masked suffix appended (a custom attention mask; the unmasked prefix is
+            not recomputed); ``stacked`` runs ``[full; masked]`` along the batch; ``auto`` (default)
+            picks ``shared_prefix`` where the model and batch allow it, and says which it chose.
+            Both give the same loss and gradients (to float rounding).
 
     Example::
 
@@ -129,6 +144,7 @@ class ReMask(Algorithm):
         loss_weighting: str = "auto",
         loss_impl: str = "auto",
         chunk_rows: int | None = None,
+        forward_layout: str = FORWARD_LAYOUT_AUTO,
     ) -> None:
         arguments = locals()
         # The method's options are checked (types, then values) once, in RemaskOptions; the
@@ -138,24 +154,33 @@ class ReMask(Algorithm):
                                      rationale_label_drop_prob, answer_only_prob, detach_full, masked_only)
         self.mask_prob_warmup = finite_number(mask_prob_warmup, "ReMask: mask_prob_warmup", low=0.0, high=1.0)
         for name, value, allowed in (("loss_weighting", loss_weighting, LOSS_WEIGHTINGS),
-                                     ("loss_impl", loss_impl, LOSS_IMPLS)):
+                                     ("loss_impl", loss_impl, LOSS_IMPLS),
+                                     ("forward_layout", forward_layout, FORWARD_LAYOUTS)):
             if value not in allowed:
                 raise ValueError(f"ReMask: unknown {name} {value!r}; choose one of {tuple(allowed)}")
         self.seed = at_least("seed", seed, 0)
         self.loss_weighting = loss_weighting
         self.loss_impl = loss_impl
         self.chunk_rows = at_least("chunk_rows", chunk_rows, 1)
+        self.forward_layout = forward_layout
         self._reset()
 
     def _reset(self) -> None:
         """Per-Trainer state (a ReMask object may serve several Trainers in turn)."""
         if hasattr(self, "_capture"):
             self._capture.remove()  # hooks left by a forward that never finished
+            self._input_check.remove()
         self._seed: int | None = None  # settled at FIT_START or restored from a checkpoint
         self._composer_model: Any = None
         self._vocabulary = MaskVocabulary(self.options.mask_strategy, self.options.mask_token_id)
         self._impl = "logits"
+        self._shares_prefix = False  # decided at INIT (the model), per microbatch when auto (the batch)
+        self._stacked_reason: str | None = None
+        self._warned_stacked_batch = False
+        self._shared_rows: SharedPrefixRows | None = None  # per microbatch
+        self._mask_dtype = torch.float32
         self._capture = HiddenStateCapture()
+        self._input_check = ForwardPreHook()
         self._probe = WeightingProbe()
         self._flops = PassCountingFlops()
         self._warned_no_roles = self._warned_fallback = False
@@ -185,6 +210,11 @@ class ReMask(Algorithm):
     def two_pass(self) -> bool:
         """Whether a masked second pass runs next to the full one."""
         return self.layout == LAYOUT_FULL_AND_MASKED
+
+    @property
+    def forward_layout_in_use(self) -> str:
+        """The layout the two passes run in (``shared_prefix`` or ``stacked``), as decided at ``Event.INIT``."""
+        return FORWARD_LAYOUT_SHARED if self._shares_prefix else FORWARD_LAYOUT_STACKED
 
     @property
     def draws_masks(self) -> bool:
@@ -222,6 +252,7 @@ class ReMask(Algorithm):
         elif event == Event.FIT_END:
             self._flops.restore()
             self._capture.remove()
+            self._input_check.remove()
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "seed": self._seed if self._seed is not None else self.seed}
@@ -240,7 +271,7 @@ class ReMask(Algorithm):
                      "rationale_label_drop_prob": o.rationale_label_drop_prob, "answer_only_prob": o.answer_only_prob,
                      "mask_prob_warmup": self.mask_prob_warmup, "detach_full": o.detach_full,
                      "masked_only": o.masked_only, "seed": self.seed, "loss_weighting": self.loss_weighting,
-                     "loss_impl": self.loss_impl, "chunk_rows": self.chunk_rows}
+                     "loss_impl": self.loss_impl, "chunk_rows": self.chunk_rows, "forward_layout": self.forward_layout}
         return f"ReMask({', '.join(f'{name}={value!r}' for name, value in arguments.items())})"
 
     # ------------------------------------------------------------------------------- INIT / FIT
@@ -254,12 +285,22 @@ class ReMask(Algorithm):
                                                      self.options.mask_strategy, self.options.mask_token_id,
                                                      replaces=self.draws_masks)
         self._impl = choose_loss_impl(self.loss_impl, hf_model, getattr(model, "model_forward_args", None))
+        self._choose_forward_layout(hf_model)
+
+    def _choose_forward_layout(self, hf_model: Any) -> None:
+        """Once per Trainer: shared prefixes where the model takes them (or as forced), else stacked."""
+        self._shares_prefix, self._stacked_reason = False, None
+        if self.two_pass:
+            self._shares_prefix, self._stacked_reason = choose_shared_prefix(self.forward_layout, hf_model)
+            self._mask_dtype = attention_mask_dtype(hf_model)
 
     def _fit_start(self, state: State) -> None:
         if self._seed is None:  # not restored from a checkpoint: state.rank_zero_seed is final now
             self._seed = int(self.seed) if self.seed is not None else int(state.rank_zero_seed)
         if self.two_pass:
-            self._flops.install(self._composer_model)
+            self._flops.install(self._composer_model, shared_prefix_passes if self._shares_prefix else forward_passes)
+            reason = f" ({self._stacked_reason})" if self._stacked_reason else ""
+            log.info("ReMask: the full and masked passes run in the %s layout%s.", self.forward_layout_in_use, reason)
 
     # ------------------------------------------------------------------------------- BATCH_START
 
@@ -329,12 +370,13 @@ class ReMask(Algorithm):
                 "any list order works there.")
         self._full_batch = dict(state.batch)
         self._trained_rows += int(state.batch["input_ids"].shape[0])
-        inputs = forward_batch(state.batch, self.layout)
+        inputs = self._model_inputs(state.batch)
         if self._impl == "hidden":
             inputs["logits_to_keep"] = 1
             self._capture.install(self._composer_model.model)
         state.batch = inputs
         self._inputs = (inputs, {k: (v, v._version) for k, v in inputs.items() if isinstance(v, torch.Tensor)})
+        self._input_check.install(self._composer_model.model, self._check_inputs_as_the_model_starts)
 
     def _refuse_batch_composer_divides_by_zero(self, state: State) -> None:
         """Composer divides each microbatch's loss by the batch's count; with token weighting and no
@@ -348,6 +390,16 @@ class ReMask(Algorithm):
             "True), so Composer would divide by zero. Drop rows without a response label in the data (check the "
             "collator's labels), or weight by samples (accumulate_train_batch_on_tokens=False), where such a batch "
             "trains nothing and is counted in remask/batches_without_labels.")
+
+    def _model_inputs(self, microbatch: Mapping[str, Any]) -> dict[str, Any]:
+        """The forward's input in the layout chosen at INIT (stacked for a microbatch that cannot share)."""
+        inputs, self._shared_rows, why_stacked = model_inputs(
+            microbatch, self.layout, self._shares_prefix, self._mask_dtype,
+            forced=self.forward_layout == FORWARD_LAYOUT_SHARED)
+        if why_stacked is not None and not self._warned_stacked_batch:
+            self._warned_stacked_batch = True
+            log.info("ReMask: microbatches run in the stacked layout: %s.", why_stacked)
+        return inputs
 
     # ------------------------------------------------------------------------------- AFTER_FORWARD
 
@@ -367,16 +419,34 @@ class ReMask(Algorithm):
 
     def _check_forward_inputs(self, state: State, rows: int) -> None:
         """What the model ran on must be the input ReMask built (edits after ReMask's BEFORE_FORWARD)."""
+        self._input_check.remove()
         inputs, self._inputs = self._inputs, None
         seen = state.batch
         changed = seen is not inputs[0] or any(
             seen.get(key) is not tensor or tensor._version != version for key, (tensor, version) in inputs[1].items())
         out_rows = output_logits(state.outputs).shape[0]
-        if changed or out_rows != rows * forward_passes(self._full_batch or {}):
-            raise RuntimeError(
-                "ReMask: the model's input was changed after ReMask built it at Event.BEFORE_FORWARD, so its "
-                "loss would not be exact: an algorithm listed after ReMask or a callback edits the batch at "
-                "BEFORE_FORWARD. Edit batches at Event.AFTER_DATALOADER instead; any list order works there.")
+        stacked_passes = 1 if self._shared_rows is not None else forward_passes(self._full_batch or {})
+        if changed or out_rows != rows * stacked_passes:
+            raise self._inputs_changed_error()
+
+    def _check_inputs_as_the_model_starts(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook: a later edit is named before the model runs on it (the shared-prefix input's
+        4D mask no longer matches a truncated batch, and the model would fail on its own terms)."""
+        self._input_check.remove()
+        if self._inputs is None:
+            return
+        built = self._inputs[1]
+        for key, value in kwargs.items():
+            if isinstance(value, torch.Tensor) and (key not in built or built[key][0] is not value
+                                                    or value._version != built[key][1]):
+                raise self._inputs_changed_error()
+
+    @staticmethod
+    def _inputs_changed_error() -> RuntimeError:
+        return RuntimeError(
+            "ReMask: the model's input was changed after ReMask built it at Event.BEFORE_FORWARD, so its "
+            "loss would not be exact: an algorithm listed after ReMask or a callback edits the batch at "
+            "BEFORE_FORWARD. Edit batches at Event.AFTER_DATALOADER instead; any list order works there.")
 
     def _compute_loss(self, state: State) -> None:
         assert self._full_batch is not None and self._inputs is not None
@@ -398,8 +468,10 @@ class ReMask(Algorithm):
         if self._impl == "hidden":
             captured = self._capture.take()
             self._capture.check_head_matches_logits(captured, model_logits)
+        shared, self._shared_rows = self._shared_rows, None
         loss_rows = gather_loss_rows(model_logits, captured, rows, labels.shape[1], batch_idx, pos_idx,
-                                     self.two_pass, want_metric_logits=bool(state.train_metrics))
+                                     self.two_pass, want_metric_logits=bool(state.train_metrics),
+                                     masked_index=None if shared is None else shared.masked_index)
         with get_precision_context(state.precision, state.precision_config):
             loss = microbatch_loss(loss_rows, targets, div_rows, scales, self.options, self.chunk_rows)
         if self._impl == "hidden":

@@ -19,7 +19,13 @@ from composer_remask.remask.loss import predicted_positions, remask_loss_from_ro
 from composer_remask.remask.loss_weighting import GlobalCounts, MicrobatchScales, microbatch_scales
 from composer_remask.remask.masking import MaskVocabulary
 from composer_remask.remask.options import RemaskOptions
-from composer_remask.remask.prepared_batch import forward_batch, prepare_batch
+from composer_remask.remask.prepared_batch import model_inputs, prepare_batch
+from composer_remask.remask.shared_prefix import (
+    FORWARD_LAYOUT_AUTO,
+    FORWARD_LAYOUT_SHARED,
+    attention_mask_dtype,
+    choose_shared_prefix,
+)
 
 __all__ = ["microbatch_loss", "remask_step_loss"]
 
@@ -44,7 +50,8 @@ def microbatch_loss(rows: LossRows, targets: torch.Tensor, div_rows: torch.Tenso
 
 
 def remask_step_loss(model: torch.nn.Module, batch: Mapping[str, Any], *, tokenizer: Any = None, seed: int = 0,
-                     batch_index: int = 0, **arguments: Any) -> dict[str, torch.Tensor]:
+                     batch_index: int = 0, forward_layout: str = FORWARD_LAYOUT_AUTO,
+                     **arguments: Any) -> dict[str, torch.Tensor]:
     """ReMask's loss on one batch of a Hugging Face causal LM: what ``ReMask`` trains on, as a function.
 
     ``batch`` holds ``input_ids``, ``attention_mask`` and unshifted ``labels`` (-100 where nothing
@@ -52,7 +59,8 @@ def remask_step_loss(model: torch.nn.Module, batch: Mapping[str, Any], *, tokeni
     tokens that are never masked. ``arguments`` are ``ReMask``'s, with its defaults: ``mask_prob``,
     ``weight``, ``divergence``, ``mask_strategy``, ``mask_token_id``, ``rationale_label_drop_prob``,
     ``answer_only_prob``, ``detach_full``, ``masked_only``. ``seed`` and ``batch_index`` select the
-    masks (``ReMask`` uses its seed and ``state.timestamp.batch``). Returns ``{total, ce_full,
+    masks (``ReMask`` uses its seed and ``state.timestamp.batch``); ``forward_layout`` is ``ReMask``'s
+    (``auto``: shared prefixes where the model takes them). Returns ``{total, ce_full,
     ce_masked, divergence}`` (one pass: ``total`` and its CE), with ``total = 0.5 * (ce_full +
     ce_masked) + weight * divergence``; call ``["total"].backward()``.
     """
@@ -63,12 +71,16 @@ def remask_step_loss(model: torch.nn.Module, batch: Mapping[str, Any], *, tokeni
     prepared, local_counts = prepare_batch(
         batch, vocabulary, mask_prob=options.mask_prob, layout=options.layout, seed=seed, batch_index=batch_index,
         rationale_label_drop_prob=drop, answer_only_prob=answer_only)
-    logits = output_logits(model(**forward_batch(prepared, options.layout)))
-    labels = prepared["labels"]
     two_pass = options.layout == LAYOUT_FULL_AND_MASKED
+    share_prefix = two_pass and choose_shared_prefix(forward_layout, model)[0]
+    inputs, shared_rows, _ = model_inputs(prepared, options.layout, share_prefix, attention_mask_dtype(model),
+                                          forced=forward_layout == FORWARD_LAYOUT_SHARED)
+    logits = output_logits(model(**inputs))
+    labels = prepared["labels"]
     batch_idx, pos_idx, targets, div_rows = predicted_positions(
         labels, prepared[DIVERGENCE_MASK_KEY] if two_pass else None)
     rows = gather_loss_rows(logits, None, labels.shape[0], labels.shape[1], batch_idx, pos_idx, two_pass,
-                            want_metric_logits=False)
+                            want_metric_logits=False,
+                            masked_index=None if shared_rows is None else shared_rows.masked_index)
     scales = microbatch_scales(GlobalCounts(*local_counts.tolist()), composer_weight=1.0, world_size=1)
     return microbatch_loss(rows, targets, div_rows, scales, options)

@@ -127,21 +127,37 @@ class LossRows:
 
 def gather_loss_rows(model_logits: torch.Tensor, captured: Captured | None, rows: int, seq_len: int,
                      batch_idx: torch.Tensor, pos_idx: torch.Tensor, two_pass: bool,
-                     want_metric_logits: bool) -> LossRows:
-    """Predicted rows of the ``[full; masked]`` forward, from captured hidden states or the logits."""
+                     want_metric_logits: bool, masked_index: torch.Tensor | None = None) -> LossRows:
+    """Predicted rows of the forward, from captured hidden states or the logits.
+
+    The forward ran ``[full; masked]`` along the batch, or, given ``masked_index`` (B x T), the
+    shared-prefix layout: one sequence per row, where the masked row's output at position ``t`` sits
+    at ``masked_index[b, t]`` (its prefix is the full row's own outputs).
+    """
+    source = model_logits if captured is None else captured.hidden
+
+    def masked_rows() -> torch.Tensor | None:
+        if not two_pass:
+            return None
+        if masked_index is None:
+            return source[rows:][batch_idx, pos_idx]
+        return source[batch_idx, masked_index[batch_idx, pos_idx]]
+
+    full_rows = source[:rows][batch_idx, pos_idx]
     if captured is None:
-        return LossRows(model_logits[:rows][batch_idx, pos_idx],
-                        model_logits[rows:][batch_idx, pos_idx] if two_pass else None,
-                        None, None, model_logits[:rows], None)
-    hidden = captured.hidden
+        metric_logits = model_logits[:rows]
+        if masked_index is not None:  # (B, L) outputs: the full rows' logits back at their (B, T) places
+            metric_logits = model_logits.new_zeros((rows, seq_len, model_logits.shape[-1]))
+            metric_logits[batch_idx, pos_idx] = full_rows.detach()
+        return LossRows(full_rows, masked_rows(), None, None, metric_logits, None)
     metric_logits = on_full_logits = None
     if want_metric_logits:
         # Train metrics need (B, T, V) logits; filled at predicted positions only, in the dtype the
         # model's own logits have (bf16 under amp_bf16), like the logits SFT would keep.
-        metric_logits = hidden.new_zeros((rows, seq_len, captured.head_weight.shape[0]), dtype=model_logits.dtype)
+        metric_logits = source.new_zeros((rows, seq_len, captured.head_weight.shape[0]), dtype=model_logits.dtype)
 
         def on_full_logits(start: int, end: int, chunk: torch.Tensor) -> None:
             metric_logits[batch_idx[start:end], pos_idx[start:end]] = chunk.to(metric_logits.dtype)
 
-    return LossRows(hidden[:rows][batch_idx, pos_idx], hidden[rows:][batch_idx, pos_idx] if two_pass else None,
-                    captured.head_weight, captured.head_bias, metric_logits, on_full_logits)
+    return LossRows(full_rows, masked_rows(), captured.head_weight, captured.head_bias, metric_logits,
+                    on_full_logits)

@@ -30,6 +30,7 @@ from composer_remask.batch import (
     row_counts,
 )
 from composer_remask.remask.masking import MaskVocabulary, content_sample_keys, draw_batch_masks
+from composer_remask.remask.shared_prefix import SharedPrefixRows, batch_problem, shared_prefix_inputs
 
 _SIGN = 1 << 63
 
@@ -143,3 +144,33 @@ def forward_batch(microbatch: Mapping[str, Any], layout: str) -> dict[str, Any]:
             value = torch.cat([value, second.to(value.device)], dim=0)
         inputs[key] = value
     return inputs
+
+
+def predicted_inputs(microbatch: Mapping[str, Any]) -> torch.Tensor:
+    """(B x T, bool) positions whose output the loss reads: they predict a label or the divergence's next token."""
+    labels = microbatch["labels"]
+    predicted = torch.zeros_like(labels, dtype=torch.bool)
+    predicted[:, :-1] = (labels[:, 1:] != IGNORE_INDEX) | microbatch[DIVERGENCE_MASK_KEY][:, 1:].bool()
+    return predicted
+
+
+def model_inputs(microbatch: Mapping[str, Any], layout: str, share_prefix: bool, mask_dtype: torch.dtype,
+                 forced: bool = False) -> tuple[dict[str, Any], SharedPrefixRows | None, str | None]:
+    """The model's input for ``layout``: ``(inputs, shared_rows, why_stacked)``.
+
+    With ``share_prefix`` a two-pass microbatch runs ``[full | masked suffix]`` per row
+    (:mod:`composer_remask.remask.shared_prefix`; ``shared_rows`` says where the masked outputs are);
+    one that cannot be laid out so runs stacked, ``why_stacked`` saying why (an error when ``forced``).
+    """
+    if share_prefix and layout == LAYOUT_FULL_AND_MASKED:
+        full = forward_batch(microbatch, LAYOUT_FULL)
+        problem = batch_problem(full, int(microbatch["input_ids"].shape[0]))
+        if problem is None:
+            inputs, rows = shared_prefix_inputs(full, microbatch[MASKED_INPUT_IDS_KEY], predicted_inputs(microbatch),
+                                                mask_dtype)
+            return inputs, rows, None
+        if forced:
+            raise ValueError(f"ReMask(forward_layout='shared_prefix') cannot run this batch exactly: {problem}. "
+                             "Use forward_layout='auto' or 'stacked'.")
+        return forward_batch(microbatch, layout), None, problem
+    return forward_batch(microbatch, layout), None, None

@@ -444,7 +444,9 @@ def test_masked_only_is_one_pass_on_the_masked_half_of_the_two_pass_run(tiny_tok
     """Masked Thought as its paper trains it: the model sees exactly ReMask's masked rows, once, and
     the loss is Hugging Face's own CE on them against the labels."""
     no_rules = dict(rationale_label_drop_prob=0.0, answer_only_prob=0.0, seed=4, mask_strategy=strategy)
-    both_ids, both = _first_inputs_and_losses(tiny_tokenizer, ReMask(mask_prob=0.4, weight=0.0, **no_rules))
+    # The stacked layout, whose model input holds the masked rows whole.
+    both_ids, both = _first_inputs_and_losses(tiny_tokenizer, ReMask(mask_prob=0.4, weight=0.0, forward_layout="stacked",
+                                                                     **no_rules))
     only_ids, only = _first_inputs_and_losses(tiny_tokenizer, ReMask(mask_prob=0.4, weight=0.0, masked_only=True,
                                                                      **no_rules))
     _, sft = _first_inputs_and_losses(tiny_tokenizer, ReMask(mask_prob=0.0, **no_rules))

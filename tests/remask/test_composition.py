@@ -203,6 +203,19 @@ class RecordFlops(Algorithm):
 
     def apply(self, event, state, logger):
         self.seen.append(state.model.flops_per_batch(state.batch) / state.batch["input_ids"].numel())
+        self.batch = dict(state.batch)
+
+
+def _suffix_share(batch) -> float:
+    """Positions the masked suffixes add in the shared-prefix layout (from each row's first masked token to its
+    last real one), as a share of the batch's positions."""
+    added = 0
+    for full, masked, attended in zip(batch["input_ids"], batch["remask_masked_input_ids"], batch["attention_mask"]):
+        real = attended.nonzero().flatten()
+        differs = ((full != masked) & attended.bool()).nonzero().flatten()
+        if len(differs):
+            added += int(real[-1]) + 1 - int(differs[0])
+    return added / batch["input_ids"].numel()
 
 
 def _flops_fit(model, tokenizer, algorithms):
@@ -210,6 +223,7 @@ def _flops_fit(model, tokenizer, algorithms):
     loader = DataLoader(CoTDataset(tokenizer, 4), batch_size=4, collate_fn=collate)
     Trainer(model=model, train_dataloader=loader, max_duration="1ba", algorithms=[*algorithms, recorder],
             device="cpu", progress_bar=False, optimizers=torch.optim.SGD(model.parameters(), lr=0.1)).fit()
+    _flops_fit.last_batch = getattr(recorder, "batch", None)
     return recorder.seen
 
 
@@ -222,11 +236,17 @@ def test_flops_count_both_passes_only_while_remask_trains(tiny_tokenizer):
 
     model = FlopsModel(StableLmForCausalLM(tiny_stablelm_config(len(tiny_tokenizer))), tokenizer=tiny_tokenizer,
                        use_logits=True)
-    assert _flops_fit(model, tiny_tokenizer, [ReMask()]) == [2.0]
+    stacked = dict(forward_layout="stacked")  # [full; masked]: two whole passes
+    assert _flops_fit(model, tiny_tokenizer, [ReMask(**stacked)]) == [2.0]
     assert "flops_per_batch" not in vars(model)
     with pytest.raises(RuntimeError):  # a fit that raises never reaches FIT_END
-        _flops_fit(model, tiny_tokenizer, [ReMask(), DropRows()])
-    assert _flops_fit(model, tiny_tokenizer, [ReMask()]) == [2.0]  # not 4: the leftover is not wrapped again
+        _flops_fit(model, tiny_tokenizer, [ReMask(**stacked), DropRows()])
+    assert _flops_fit(model, tiny_tokenizer, [ReMask(**stacked)]) == [2.0]  # not 4: the leftover is not wrapped again
+    assert "flops_per_batch" not in vars(model)
+    # Shared prefixes (the default where the model takes them): the full rows and the masked suffixes.
+    (shared,) = _flops_fit(model, tiny_tokenizer, [ReMask()])
+    share = _suffix_share(_flops_fit.last_batch)
+    assert 0.0 < share < 1.0 and shared == pytest.approx(1.0 + share, rel=1e-12)
     assert "flops_per_batch" not in vars(model)
     assert _flops_fit(model, tiny_tokenizer, []) == [1.0]
     assert _flops_fit(model, tiny_tokenizer, [ReMask(mask_prob=0.0)]) == [1.0]
