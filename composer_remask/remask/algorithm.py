@@ -425,8 +425,9 @@ class ReMask(Algorithm):
         changed = seen is not inputs[0] or any(
             seen.get(key) is not tensor or tensor._version != version for key, (tensor, version) in inputs[1].items())
         out_rows = output_logits(state.outputs).shape[0]
-        stacked_passes = 1 if self._shared_rows is not None else forward_passes(self._full_batch or {})
-        if changed or out_rows != rows * stacked_passes:
+        expected_rows = self._shared_rows.rows if self._shared_rows is not None \
+            else rows * forward_passes(self._full_batch or {})
+        if changed or out_rows != expected_rows:
             raise self._inputs_changed_error()
 
     def _check_inputs_as_the_model_starts(self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
@@ -471,7 +472,7 @@ class ReMask(Algorithm):
         shared, self._shared_rows = self._shared_rows, None
         loss_rows = gather_loss_rows(model_logits, captured, rows, labels.shape[1], batch_idx, pos_idx,
                                      self.two_pass, want_metric_logits=bool(state.train_metrics),
-                                     masked_index=None if shared is None else shared.masked_index)
+                                     shared_index=None if shared is None else (shared.full_index, shared.masked_index))
         with get_precision_context(state.precision, state.precision_config):
             loss = microbatch_loss(loss_rows, targets, div_rows, scales, self.options, self.chunk_rows)
         if self._impl == "hidden":

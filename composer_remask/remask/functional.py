@@ -81,6 +81,7 @@ def remask_step_loss(model: torch.nn.Module, batch: Mapping[str, Any], *, tokeni
         labels, prepared[DIVERGENCE_MASK_KEY] if two_pass else None)
     rows = gather_loss_rows(logits, None, labels.shape[0], labels.shape[1], batch_idx, pos_idx, two_pass,
                             want_metric_logits=False,
-                            masked_index=None if shared_rows is None else shared_rows.masked_index)
+                            shared_index=None if shared_rows is None else (shared_rows.full_index,
+                                                                           shared_rows.masked_index))
     scales = microbatch_scales(GlobalCounts(*local_counts.tolist()), composer_weight=1.0, world_size=1)
     return microbatch_loss(rows, targets, div_rows, scales, options)

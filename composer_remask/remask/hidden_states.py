@@ -127,26 +127,28 @@ class LossRows:
 
 def gather_loss_rows(model_logits: torch.Tensor, captured: Captured | None, rows: int, seq_len: int,
                      batch_idx: torch.Tensor, pos_idx: torch.Tensor, two_pass: bool,
-                     want_metric_logits: bool, masked_index: torch.Tensor | None = None) -> LossRows:
+                     want_metric_logits: bool, shared_index: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     ) -> LossRows:
     """Predicted rows of the forward, from captured hidden states or the logits.
 
-    The forward ran ``[full; masked]`` along the batch, or, given ``masked_index`` (B x T), the
-    shared-prefix layout: one sequence per row, where the masked row's output at position ``t`` sits
-    at ``masked_index[b, t]`` (its prefix is the full row's own outputs).
+    The forward ran ``[full; masked]`` along the batch, or, given ``shared_index`` (two B x T flat
+    indices into the forward's positions), the shared-prefix layout: the full and the masked row's
+    outputs at position ``t`` of row ``b`` sit at ``shared_index[0][b, t]`` and ``shared_index[1][b, t]``.
     """
     source = model_logits if captured is None else captured.hidden
 
     def masked_rows() -> torch.Tensor | None:
         if not two_pass:
             return None
-        if masked_index is None:
+        if shared_index is None:
             return source[rows:][batch_idx, pos_idx]
-        return source[batch_idx, masked_index[batch_idx, pos_idx]]
+        return source.reshape(-1, source.shape[-1])[shared_index[1][batch_idx, pos_idx]]
 
-    full_rows = source[:rows][batch_idx, pos_idx]
+    full_rows = source[:rows][batch_idx, pos_idx] if shared_index is None \
+        else source.reshape(-1, source.shape[-1])[shared_index[0][batch_idx, pos_idx]]
     if captured is None:
         metric_logits = model_logits[:rows]
-        if masked_index is not None:  # (B, L) outputs: the full rows' logits back at their (B, T) places
+        if shared_index is not None:  # (B, L) outputs: the full rows' logits back at their (B, T) places
             metric_logits = model_logits.new_zeros((rows, seq_len, model_logits.shape[-1]))
             metric_logits[batch_idx, pos_idx] = full_rows.detach()
         return LossRows(full_rows, masked_rows(), None, None, metric_logits, None)

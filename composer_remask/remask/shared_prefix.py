@@ -2,15 +2,17 @@
 
 In a masked row every position before the row's first masked token sees exactly the inputs of the
 full row (causal attention), so its hidden state *is* the full row's. The shared-prefix layout
-therefore runs one sequence per row, in one forward::
+therefore runs each row once, as one segment, in one forward::
 
-    [ full row (its tokens, up to its last real one) | masked suffix (from the first masked token) | pads ]
+    [ full row (its tokens, up to its last real one) | masked suffix (from the first masked token) ]
 
 with explicit ``position_ids`` (the suffix continues at the first masked position) and a custom 4D
 attention mask: full positions attend causally to the full row; suffix positions attend to the full
-row's unmasked prefix and causally to the suffix. A row without a masked token adds nothing. The
-loss reads the masked row's prefix outputs from the full part (``masked_index``), so its terms
-there are bitwise the full row's: divergence 0, masked CE = full CE, as in ``[full; masked]``.
+row's unmasked prefix and causally to the suffix. A row without a masked token adds nothing.
+Segments are packed into the forward's rows (several short ones to a row, never attending to each
+other), so neither the prefix nor the padding is computed twice. The loss reads the masked row's
+prefix outputs from the full part (``masked_index``), so its terms there are bitwise the full
+row's: divergence 0, masked CE = full CE, as in ``[full; masked]``.
 
 Where a model or batch cannot take it (no arbitrary-mask attention, sliding windows, position ids or
 packed ``sequence_id`` already in the batch, ...) the stacked ``[full; masked]`` layout runs.
@@ -92,20 +94,41 @@ def batch_problem(inputs: Mapping[str, Any], rows: int) -> str | None:
 
 @dataclass(frozen=True)
 class SharedPrefixRows:
-    """Where each row's outputs sit in the shared-prefix sequence."""
+    """Where each row's outputs sit in the shared-prefix forward (flat indices into its rows x length)."""
 
-    masked_index: torch.Tensor  # (B, T): sequence index of the masked row's output at each position
-    seq_len: int  # length of the shared sequence
+    full_index: torch.Tensor  # (B, T): the full row's output at each position
+    masked_index: torch.Tensor  # (B, T): the masked row's (its prefix is the full row's own outputs)
+    seq_len: int  # length of the forward's rows
+    rows: int  # the forward's rows (segments packed several to a row where they fit)
     suffix_tokens: int  # positions the masked suffixes add (what the masked pass still costs)
+
+
+def _pack(lengths: list[int]) -> tuple[int, list[tuple[int, int]]]:
+    """First-fit decreasing: ``(capacity, [(row, offset) per segment])`` with the capacity the longest
+    segment, so no forward row is longer than it must be and short segments share rows."""
+    capacity = max(max(lengths, default=1), 1)
+    free: list[int] = []
+    placed: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        size = lengths[index]
+        row = next((r for r, room in enumerate(free) if room >= size), None)
+        if row is None:
+            row = len(free)
+            free.append(capacity)
+        placed[index] = (row, capacity - free[row])
+        free[row] -= size
+    return capacity, placed
 
 
 def shared_prefix_inputs(inputs: Mapping[str, Any], masked_ids: torch.Tensor, predicted: torch.Tensor,
                          mask_dtype: torch.dtype) -> tuple[dict[str, Any], SharedPrefixRows]:
-    """The model's input for the shared-prefix layout, and where the masked rows' outputs are.
+    """The model's input for the shared-prefix layout, and where the rows' outputs are.
 
     ``inputs`` are the full rows' forward inputs (``input_ids``, optionally a 2D ``attention_mask``);
-    ``predicted`` (B x T, bool) marks the positions whose output the loss reads. Each row keeps its
-    full part up to its last real or predicted position, so every output the loss reads is computed.
+    ``predicted`` (B x T, bool) marks the positions whose output the loss reads. Each row becomes one
+    segment, ``[full row up to its last real or predicted position | masked suffix]``, and segments
+    are packed into the forward's rows (first-fit decreasing) with a block-diagonal attention mask and
+    positions restarting at each segment, so padding is not computed either.
     """
     full_ids = inputs["input_ids"]
     rows, length = full_ids.shape
@@ -122,32 +145,46 @@ def shared_prefix_inputs(inputs: Mapping[str, Any], masked_ids: torch.Tensor, pr
     differs = (masked_ids != full_ids) & (positions < end[:, None])
     first_masked = torch.where(differs.any(1), differs.int().argmax(1), end)
     suffix = end - first_masked
-    seq_len = max(int((end + suffix).max()), 1)
+    seq_len, placed = _pack((end + suffix).tolist())
+    forward_rows = 1 + max(row for row, _ in placed) if placed else 1
 
-    seq = torch.arange(seq_len, device=device)
-    in_full = seq < end[:, None]
-    in_suffix = (seq >= end[:, None]) & (seq < (end + suffix)[:, None])
-    source = torch.where(in_full, seq, first_masked[:, None] + seq - end[:, None])
-    source = torch.where(in_full | in_suffix, source, 0).clamp(max=length - 1)
-    ids = torch.where(in_suffix, masked_ids.gather(1, source), full_ids.gather(1, source))
-    real = in_full | in_suffix
-    key_ok = real & attended.gather(1, source)
-    causal = seq[:, None] >= seq[None, :]
-    # A suffix position must not see the full row from the first masked position on: that is the
+    # Which segment (input row) and which of its positions each forward position holds.
+    segment = torch.full((forward_rows, seq_len), -1, dtype=torch.long, device=device)
+    local = torch.zeros((forward_rows, seq_len), dtype=torch.long, device=device)
+    start = torch.tensor([row * seq_len + offset for row, offset in placed], dtype=torch.long, device=device)
+    for b, (row, offset) in enumerate(placed):
+        size = int(end[b] + suffix[b])
+        segment[row, offset:offset + size] = b
+        local[row, offset:offset + size] = torch.arange(size, device=device)
+    real = segment >= 0
+    owner = segment.clamp(min=0)
+    owner_end, owner_first = end[owner], first_masked[owner]
+    in_full = real & (local < owner_end)
+    in_suffix = real & ~in_full
+    source = torch.where(in_full, local, owner_first + local - owner_end)
+    source = torch.where(real, source, 0).clamp(0, length - 1)
+    ids = torch.where(in_suffix, masked_ids[owner, source], full_ids[owner, source])
+    key_ok = real & attended[owner, source]
+    same_segment = segment[:, :, None] == segment[:, None, :]
+    causal = torch.arange(seq_len, device=device)
+    causal = causal[:, None] >= causal[None, :]
+    # A suffix position must not see its full row from the first masked position on: that is the
     # unmasked text the masked row replaced.
-    unseen = in_suffix[:, :, None] & in_full[:, None, :] & (source[:, None, :] >= first_masked[:, None, None])
-    allowed = causal & key_ok[:, None, :] & ~unseen
+    unseen = in_suffix[:, :, None] & in_full[:, None, :] & (source[:, None, :] >= owner_first[:, :, None])
+    allowed = same_segment & causal & key_ok[:, None, :] & ~unseen
     allowed |= torch.eye(seq_len, dtype=torch.bool, device=device)  # no query row is left without a key
-    mask = torch.zeros((rows, 1, seq_len, seq_len), dtype=mask_dtype, device=device)
+    mask = torch.zeros((forward_rows, 1, seq_len, seq_len), dtype=mask_dtype, device=device)
     mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
 
     laid_out = dict(inputs)
     laid_out["input_ids"] = ids
     laid_out["attention_mask"] = mask
     laid_out["position_ids"] = torch.where(real, source, 0)
-    masked_index = torch.where(positions < first_masked[:, None], positions, end[:, None] + positions
-                               - first_masked[:, None]).clamp(max=seq_len - 1)
-    return laid_out, SharedPrefixRows(masked_index, seq_len, int(suffix.sum()))
+    last = forward_rows * seq_len - 1
+    full_index = (start[:, None] + positions).clamp(max=last)
+    masked_index = (start[:, None] + torch.where(positions < first_masked[:, None], positions,
+                                                 end[:, None] + positions - first_masked[:, None])).clamp(max=last)
+    return laid_out, SharedPrefixRows(full_index, masked_index, seq_len, forward_rows, int(suffix.sum()))
 
 
 def attention_mask_dtype(hf_model: Any) -> torch.dtype:

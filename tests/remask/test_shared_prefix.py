@@ -92,20 +92,38 @@ def test_the_prefix_is_the_full_rows_own_and_rows_without_a_mask_add_nothing():
     masked = ids.clone()
     masked[0, 3] = 99  # row 0: masked from position 3 on, so it appends positions 3 and 4
     masked[2, 5] = 99  # row 2: the last token only
-    predicted = attention.bool()
-    inputs, rows = shared_prefix_inputs({"input_ids": ids, "attention_mask": attention}, masked, predicted,
+    inputs, rows = shared_prefix_inputs({"input_ids": ids, "attention_mask": attention}, masked, attention.bool(),
                                         torch.float32)
-    assert rows.suffix_tokens == 2 + 0 + 1 and rows.seq_len == 7  # row 0: 5 real + 2 suffix; row 2: 6 + 1
-    assert inputs["input_ids"][0, :7].tolist() == [5, 6, 7, 8, 9, 99, 9]
-    assert inputs["position_ids"][0, :7].tolist() == [0, 1, 2, 3, 4, 3, 4]
-    assert inputs["input_ids"][1, :4].tolist() == [5, 6, 7, 8]  # nothing appended
-    assert rows.masked_index[0].tolist()[:5] == [0, 1, 2, 5, 6] and rows.masked_index[1].tolist()[:4] == [0, 1, 2, 3]
+    # Segments: row 0 is 5 real + 2 suffix, row 1 is 4 real (no mask: nothing appended), row 2 is 6 + 1.
+    assert rows.suffix_tokens == 3 and rows.seq_len == 7 and rows.rows == 3
+    assert inputs["input_ids"][0].tolist() == [5, 6, 7, 8, 9, 99, 9]
+    assert inputs["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 3, 4]
+    assert rows.full_index[0, :5].tolist() == [0, 1, 2, 3, 4]
+    assert rows.masked_index[0, :5].tolist() == [0, 1, 2, 5, 6]  # the prefix is the full row's own output
+    assert rows.masked_index[1, :4].tolist() == rows.full_index[1, :4].tolist()
     allowed = inputs["attention_mask"][0, 0] == 0
     # The first suffix position (masked position 3) sees the unmasked prefix 0..2 and itself, not the
-    # full row's own position 3 and 4, which masking replaced.
+    # full row's own positions 3 and 4, which masking replaced.
     assert allowed[5].nonzero().flatten().tolist() == [0, 1, 2, 5]
     assert allowed[6].nonzero().flatten().tolist() == [0, 1, 2, 5, 6]
     assert allowed[4].nonzero().flatten().tolist() == [0, 1, 2, 3, 4]  # the full row: causal as ever
+
+
+def test_short_segments_share_a_forward_row_without_seeing_each_other():
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 0, 0, 0], [14, 15, 16, 17, 0, 0]])
+    attention = (ids != 0).long()
+    masked = ids.clone()
+    masked[0, 2] = 99  # row 0: 6 real + 4 suffix = 10, the longest segment
+    inputs, rows = shared_prefix_inputs({"input_ids": ids, "attention_mask": attention}, masked, attention.bool(),
+                                        torch.float32)
+    assert rows.seq_len == 10 and rows.rows == 2  # rows 2 (4) and 1 (3) share the second forward row
+    assert inputs["input_ids"][1, :7].tolist() == [14, 15, 16, 17, 11, 12, 13]
+    assert inputs["position_ids"][1, :7].tolist() == [0, 1, 2, 3, 0, 1, 2]  # positions restart per segment
+    assert rows.full_index[1, :3].tolist() == [14, 15, 16] and rows.full_index[2, :4].tolist() == [10, 11, 12, 13]
+    allowed = inputs["attention_mask"][1, 0] == 0
+    assert allowed[4].nonzero().flatten().tolist() == [4]  # row 1's first token sees nothing of row 2
+    assert allowed[6].nonzero().flatten().tolist() == [4, 5, 6]
+    assert allowed[8].nonzero().flatten().tolist() == [8]  # padding: itself only, and nothing reads it
 
 
 def test_left_padding_and_labels_on_pads_are_exact(tiny_tokenizer):
