@@ -49,8 +49,9 @@ from composer_remask.batch import IGNORE_INDEX, ROLE_ANSWER, ROLE_CONTEXT, ROLE_
 from composer_remask.remask.masking import MaskVocabulary, remask_batch
 from composer_remask.train.model import ComposerCausalLM
 
-METHODS = ("sft", "lean_sft", "naive", "remask")
-PASSES = {"sft": 1, "lean_sft": 1, "naive": 2, "remask": 2}  # forward+backward passes per step
+METHODS = ("sft", "lean_sft", "naive", "remask", "remask_stacked")
+# Forward+backward passes per step; ReMask's is what its chosen layout runs (summarize).
+PASSES = {"sft": 1, "lean_sft": 1, "naive": 2, "remask": 2, "remask_stacked": 2}
 VOCAB = 50304
 EOS_ID, MASK_ID = 0, 50281  # GPT-NeoX's EOS; a free id above the tokenizer's 50277 entries
 
@@ -151,16 +152,21 @@ def make_cot_batch(rows: int, max_seq_len: int = 256, seed: int = 0) -> dict[str
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "token_roles": roles}
 
 
-def prefix_opportunity(batch: dict[str, torch.Tensor], mask_prob: float = 0.4, seed: int = 0) -> dict[str, float]:
-    """What a shared-prefix layout could save on ``batch`` under the card's masks and label rules.
+def prefix_opportunity(batch: dict[str, torch.Tensor], mask_prob: float = 0.4, seed: int = 0,
+                       config: StableLmConfig | None = None) -> dict[str, float]:
+    """What the shared-prefix layout saves on ``batch`` under the card's masks and label rules.
 
     In a masked row every position before its first masked token sees exactly the full row's inputs
-    (causal attention), so the masked pass recomputes it for nothing; a row with no masked token
-    needs no masked pass at all. Shares are of the masked pass's positions (rows x padded length):
-    ``prefix_share`` (before each row's first masked token, or the whole row without one),
-    ``padding_share``, and what is left, the suffixes. ``flop_floor_over_lean_sft`` is a
-    shared-prefix step's token count over one pass's: 1 + the suffix share (attention's quadratic
-    term left out).
+    (causal attention), so a stacked masked pass recomputes it for nothing; a row with no masked
+    token needs no masked pass at all. Shares are of the masked pass's positions (rows x padded
+    length): ``prefix_share`` (before each row's first masked token, or the whole row without one),
+    ``padding_share``, and what is left, the suffixes. ``position_floor_over_lean_sft`` is 1 + the
+    suffix share: the decoder positions of a shared-prefix step over a lean SFT step's.
+    ``flop_floor_over_lean_sft`` (with ``config``) counts the dense FLOPs of both steps (6 x
+    parameters per position; attention's quadratic term left out): the decoder over every position
+    lean SFT pads to, against the real positions and the suffixes, plus the output layer at the
+    predicted positions, once for lean SFT and once per pass for ReMask (both passes' logits are
+    needed at every predicted position).
     """
     vocabulary = MaskVocabulary("mask_token", MASK_ID, EOS_ID, torch.tensor([EOS_ID, MASK_ID]))
     masked = remask_batch(batch["input_ids"], batch["labels"], batch["token_roles"], batch["attention_mask"],
@@ -174,8 +180,17 @@ def prefix_opportunity(batch: dict[str, torch.Tensor], mask_prob: float = 0.4, s
     prefix = float(first.sum()) / total
     padding = float((width - lengths).sum()) / total
     suffix = 1.0 - prefix - padding
-    return {"prefix_share": prefix, "padding_share": padding, "suffix_share": suffix,
-            "rows_without_a_masked_token": int((~any_masked).sum()), "flop_floor_over_lean_sft": 1.0 + suffix}
+    found = {"prefix_share": prefix, "padding_share": padding, "suffix_share": suffix,
+             "rows_without_a_masked_token": int((~any_masked).sum()), "position_floor_over_lean_sft": 1.0 + suffix}
+    if config is not None:
+        head = config.vocab_size * config.hidden_size  # the output layer; the embedding costs no FLOPs
+        body = count_parameters(config) - head - (0 if config.tie_word_embeddings else head)
+        # Positions whose output the loss reads: the labelled ones (a dropped label keeps its divergence term).
+        predicted = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        lean = body * total + head * predicted
+        shared = body * (float(lengths.sum()) + suffix * total) + head * 2 * predicted
+        found["flop_floor_over_lean_sft"] = shared / lean
+    return found
 
 
 class _BodyOnly(Algorithm):
@@ -227,9 +242,11 @@ def algorithms_for(method: str) -> list[Algorithm]:
                        answer_only_prob=0.0)]
     if method == "naive":
         return [NaiveReMask(MASK_ID, [EOS_ID, MASK_ID], mask_prob=0.4, weight=0.1)]
-    if method == "remask":  # the naive baseline's objective: no ReMask-CoT label rules
+    if method in ("remask", "remask_stacked"):  # the naive baseline's objective: no ReMask-CoT label rules
+        # remask: the layout ReMask chooses by itself; remask_stacked: today's [full; masked], forced.
+        layout = "stacked" if method == "remask_stacked" else "auto"
         return [ReMask(mask_prob=0.4, weight=0.1, mask_token_id=MASK_ID, seed=0, rationale_label_drop_prob=0.0,
-                       answer_only_prob=0.0)]
+                       answer_only_prob=0.0, forward_layout=layout)]
     if method == "body":
         return [_BodyOnly()]
     raise ValueError(method)
@@ -289,13 +306,16 @@ def time_methods(args) -> dict[str, dict[str, float]]:
                            "max_s": max(r["times"])}
         if r["peaks"]:
             summary[method]["peak_bytes"] = max(r["peaks"])
+        layouts = [a.forward_layout_in_use for a in algos[method] if isinstance(a, ReMask)]
+        if layouts:
+            summary[method]["layout"] = layouts[0]
     return summary
 
 
 def probe_cpu_memory(args, method: str) -> int:
     """Peak resident bytes of one training step of ``method``, measured in a child process."""
     cmd = [sys.executable, "-m", "bench.step_bench", "--memory-child", method, "--model", args.model, "--batch", str(args.batch),
-           "--seq", str(args.seq)]
+           "--seq", str(args.seq), "--data", args.data]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     child = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     if child.returncode != 0:
@@ -381,6 +401,14 @@ def summarize(args, timing: dict[str, dict[str, float]]) -> dict:
             result["naive_over_remask"] = median["naive"] / median["remask"]
     if "lean_sft" in methods:
         result["lean_sft_over_sft"] = median["lean_sft"] / median["sft"]
+    if "remask_stacked" in methods:
+        if "lean_sft" in methods:
+            result["remask_stacked_over_lean_sft"] = median["remask_stacked"] / median["lean_sft"]
+        if "remask" in methods:
+            result["remask_over_remask_stacked"] = median["remask"] / median["remask_stacked"]
+    opportunity = prefix_opportunity(batch, config=config)
+    layout = timing.get("remask", {}).get("layout", "stacked")
+    passes = dict(PASSES, remask=opportunity["flop_floor_over_lean_sft"] if layout == "shared_prefix" else 2)
     with_peaks = [m for m in (*methods, "body") if "peak_bytes" in timing.get(m, {})]
     if "body" in with_peaks:
         body = timing["body"]["peak_bytes"]
@@ -391,20 +419,20 @@ def summarize(args, timing: dict[str, dict[str, float]]) -> dict:
     result["median_step_s"] = median
     result["peak_mib"] = {m: timing[m]["peak_bytes"] / 2**20 for m in with_peaks}
     result["tokens_per_s"] = {m: tokens / median[m] for m in methods}
-    result["tflops_per_s"] = {m: one_pass * PASSES[m] / median[m] / 1e12 for m in methods}
+    result["tflops_per_s"] = {m: one_pass * passes[m] / median[m] / 1e12 for m in methods}
     if peak:
-        result["mfu"] = {m: one_pass * PASSES[m] / median[m] / peak for m in methods}
+        result["mfu"] = {m: one_pass * passes[m] / median[m] / peak for m in methods}
         result["peak_tflops"] = peak / 1e12
     result.update({
-        "passes": {m: PASSES[m] for m in methods},
+        "passes": {m: passes[m] for m in methods},
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor() or 'x86_64'}, "
                   f"{torch.get_num_threads()} threads)",
         "load_average": list(os.getloadavg()), "cpu_count": os.cpu_count(),
         "model": args.model, "params": params, "vocab": config.vocab_size, "batch": args.batch, "seq": args.seq,
         "microbatch": args.microbatch or args.batch, "steps": args.steps, "fsdp": args.fsdp,
         "precision": "amp_bf16" if args.device == "cuda" else "fp32", "data": args.data, "padded_seq": seq,
-        # The layout ReMask runs today, and what a shared-prefix layout could save on this batch.
-        "layout": "full+masked", **prefix_opportunity(batch),
+        # The layout ReMask chose by itself, and what sharing the prefix can save on this batch.
+        "layout": layout, **opportunity,
     })
     return result
 

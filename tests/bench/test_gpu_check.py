@@ -72,14 +72,24 @@ def test_prefix_opportunity_counts_positions_before_the_first_masked_token():
         assert roles[0] == 0 and roles[n - 1] == 3 and bool((roles[n:] == -1).all())
     found = prefix_opportunity(batch)
     assert found["prefix_share"] + found["padding_share"] + found["suffix_share"] == pytest.approx(1.0, abs=1e-12)
-    assert found["flop_floor_over_lean_sft"] == pytest.approx(1 + found["suffix_share"])
+    assert found["position_floor_over_lean_sft"] == pytest.approx(1 + found["suffix_share"])
+    # With a model: dense FLOPs, the output layer at predicted positions once per pass.
+    from bench.step_bench import count_parameters, stablelm_config
+
+    config = stablelm_config("small")
+    head = config.vocab_size * config.hidden_size
+    body = count_parameters(config) - 2 * head  # untied embedding and output layer
+    total, real = batch["input_ids"].numel(), int(lengths.sum())
+    predicted = int((batch["labels"][:, 1:] != -100).sum())
+    expected = (body * (real + found["suffix_share"] * total) + 2 * head * predicted) / (body * total + head * predicted)
+    assert prefix_opportunity(batch, config=config)["flop_floor_over_lean_sft"] == pytest.approx(expected)
     # The prompt is never masked, so the prefix is at least the prompt of every row.
     prompt = float((batch["token_roles"] == 0).sum()) / batch["input_ids"].numel()
     assert found["prefix_share"] >= prompt and found["rows_without_a_masked_token"] == 0
     # mask_prob 0: nothing is masked, every row is all prefix and the floor is one pass.
     none = prefix_opportunity(batch, mask_prob=0.0)
     assert none["suffix_share"] == pytest.approx(0.0, abs=1e-12) and none["rows_without_a_masked_token"] == 6
-    assert none["flop_floor_over_lean_sft"] == pytest.approx(1.0)
+    assert none["position_floor_over_lean_sft"] == pytest.approx(1.0)
     # mask_prob 1: the first maskable token (the rationale's first) is masked in every row.
     every = prefix_opportunity(batch, mask_prob=1.0)
     assert every["prefix_share"] == pytest.approx(prompt)
