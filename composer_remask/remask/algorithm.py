@@ -6,7 +6,8 @@
   order does not matter): label rules and masks (:mod:`composer_remask.remask.masking`), global counts
   (:mod:`composer_remask.remask.loss_weighting`). What the batch looked like is recorded in it.
 * ``BEFORE_FORWARD`` (one microbatch): check the microbatch is still what was prepared, then run
-  ``[full; masked]`` in one forward (one FSDP all-gather).
+  both passes in one forward (one FSDP all-gather): shared prefixes
+  (:mod:`composer_remask.remask.shared_prefix`) where the model takes them, else ``[full; masked]``.
 * ``AFTER_FORWARD``: the loss at predicted positions only (:mod:`composer_remask.remask.hidden_states`,
   :mod:`composer_remask.remask.loss`), scaled to the exact global token mean; the full half of the
   batch and outputs are put back so train metrics measure the full sequence.

@@ -1,7 +1,7 @@
 """ReMask as functions: one batch's loss without a Trainer, and the step both entry points share.
 
 :func:`remask_step_loss` does to one batch, in one process, what ``ReMask`` does inside a Composer
-Trainer: the label rules and masks, one ``[full; masked]`` forward, and the loss with every term a
+Trainer: the label rules and masks, one forward for both passes (the same layout ReMask chooses), and the loss with every term a
 token mean over the batch. ``ReMask`` logs the same numbers for the same batch, seed and batch
 index whatever its microbatch split (``tests/remask/test_functional.py``).
 """
