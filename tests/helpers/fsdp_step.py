@@ -2,7 +2,8 @@
 
 Composer's FSDP needs CUDA, so this wraps ``ComposerModel.model`` the way Composer does (decoder
 layers as child units, lm_head in the root) with torch's FSDP on the CPU and drives ReMask's events
-in Composer's order. Run: ``PYTHONPATH=. composer -n 2 tests/helpers/fsdp_step.py OUT USE_ORIG_PARAMS``.
+in Composer's order. Run: ``PYTHONPATH=. composer -n 2 tests/helpers/fsdp_step.py OUT USE_ORIG_PARAMS [LAYOUT]``
+(``LAYOUT``: ``ReMask(forward_layout=...)``, default ``auto``).
 Each rank writes ``OUT.rank{r}`` with the largest weight difference after one SGD step.
 """
 
@@ -31,12 +32,12 @@ from tests.helpers.tiny_model import TINY_TEXT, tiny_stablelm_config
 from tests.helpers.tolerances import float64_floor
 
 
-def one_step(wrap: bool, use_orig_params: bool, dtype: torch.dtype = torch.float32):
+def one_step(wrap: bool, use_orig_params: bool, dtype: torch.dtype = torch.float32, forward_layout: str = "auto"):
     tokenizer = train_tiny_tokenizer(TINY_TEXT, 400)
     torch.manual_seed(0)
     model = ComposerCausalLM(StableLmForCausalLM(tiny_stablelm_config(len(tokenizer))), tokenizer,
                              train_metrics=False).to(dtype)
-    algo = ReMask(mask_prob=0.4, weight=0.5, seed=5)
+    algo = ReMask(mask_prob=0.4, weight=0.5, seed=5, forward_layout=forward_layout)
     logger = types.SimpleNamespace(log_metrics=lambda *a, **k: None)
     state = types.SimpleNamespace(
         model=model, rank_zero_seed=5, batch=collate([CoTDataset(tokenizer, 4)[i] for i in range(4)]),
@@ -64,21 +65,22 @@ def one_step(wrap: bool, use_orig_params: bool, dtype: torch.dtype = torch.float
     return model.model.state_dict()
 
 
-def main(out: str, use_orig_params: bool) -> None:
+def main(out: str, use_orig_params: bool, forward_layout: str = "auto") -> None:
     tdist.init_process_group("gloo")
     world = tdist.get_world_size()
-    reference = one_step(wrap=False, use_orig_params=use_orig_params)
+    reference = one_step(wrap=False, use_orig_params=use_orig_params, forward_layout=forward_layout)
     for value in reference.values():  # every rank holds the same batch: FSDP averages identical gradients
         if value.is_floating_point():
             tdist.all_reduce(value)
             value /= world
-    wrapped = one_step(wrap=True, use_orig_params=use_orig_params)
+    wrapped = one_step(wrap=True, use_orig_params=use_orig_params, forward_layout=forward_layout)
     diff = max((wrapped[k] - reference[k]).abs().max().item() for k in reference)
     # The unwrapped step in float64: how far float32 rounding alone moves this step (its noise floor).
-    floor = float64_floor(reference, one_step(wrap=False, use_orig_params=use_orig_params, dtype=torch.float64))
+    floor = float64_floor(reference, one_step(wrap=False, use_orig_params=use_orig_params, dtype=torch.float64,
+                                              forward_layout=forward_layout))
     Path(f"{out}.rank{tdist.get_rank()}").write_text(f"{diff} {floor}\n")
     tdist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] == "1")
+    main(sys.argv[1], sys.argv[2] == "1", *sys.argv[3:4])

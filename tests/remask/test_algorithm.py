@@ -27,8 +27,8 @@ from tests.helpers.training import build_model, logged, max_weight_diff, run, we
 
 
 @pytest.mark.parametrize("impl", ["hidden", "logits"])
-def test_logged_total_is_the_identity_and_train_ce_is_ce_full(tiny_tokenizer, impl):
-    algo = ReMask(mask_prob=0.4, weight=0.3, loss_impl=impl, seed=1)
+def test_logged_total_is_the_identity_and_train_ce_is_ce_full(tiny_tokenizer, impl, forward_layout):
+    algo = ReMask(mask_prob=0.4, weight=0.3, loss_impl=impl, seed=1, forward_layout=forward_layout)
     _, _, logger = run(tiny_tokenizer, [algo], microbatch=2, duration="3ba")
     total, ce_full = logged(logger, "loss/train/total"), logged(logger, "loss/train/ce_full")
     ce_masked, div = logged(logger, "loss/train/ce_masked"), logged(logger, "loss/train/divergence")
@@ -71,20 +71,21 @@ def test_ce_full_is_the_models_own_loss_on_the_whole_batch(tiny_tokenizer, micro
     (True, False, "auto"),
     (True, True, "auto"),
 ])
-def test_microbatch_size_does_not_change_the_step(tiny_tokenizer, on_tokens, token_spec, weighting):
+def test_microbatch_size_does_not_change_the_step(tiny_tokenizer, on_tokens, token_spec, weighting, forward_layout):
     results = {}
     for microbatch in (1, 2, 4):
-        algo = ReMask(mask_prob=0.4, weight=0.5, seed=3, loss_weighting=weighting)
+        algo = ReMask(mask_prob=0.4, weight=0.5, seed=3, loss_weighting=weighting, forward_layout=forward_layout)
         _, model, logger = run(tiny_tokenizer, [algo], microbatch=microbatch, on_tokens=on_tokens,
                                token_spec=token_spec)
         results[microbatch] = (weights(model), logged(logger, "loss/train/total")[0])
     reference_weights, reference_loss = results[4]
     # Noise floor: microbatch 4 against itself in float64 (float32's own rounding of this step).
-    floor = run_floor(reference_weights, tiny_tokenizer, [ReMask(mask_prob=0.4, weight=0.5, seed=3, loss_weighting=weighting)],
+    floor = run_floor(reference_weights, tiny_tokenizer, [ReMask(mask_prob=0.4, weight=0.5, seed=3, loss_weighting=weighting,
+                                                                 forward_layout=forward_layout)],
                       microbatch=4, on_tokens=on_tokens, token_spec=token_spec)
     for microbatch in (1, 2):
         diff = max_weight_diff(results[microbatch][0], reference_weights)
-        print(f"[{weighting}, on_tokens={on_tokens}] microbatch {microbatch} vs 4: max |dw| = {diff:.2e} (floor {floor:.2e})")
+        print(f"[{forward_layout}, {weighting}, on_tokens={on_tokens}] microbatch {microbatch} vs 4: max |dw| = {diff:.2e} (floor {floor:.2e})")
         assert diff <= ROUNDING_GROWTH * floor
         assert results[microbatch][1] == pytest.approx(reference_loss, abs=ROUNDING_GROWTH * ce_floor(tiny_tokenizer))
 
@@ -98,29 +99,30 @@ def test_microbatch_invariance_is_not_free(tiny_tokenizer):
     assert max_weight_diff(*losses) > 1e-4  # a real mistake: ~1e-3, far above the ~1e-6 bounds of the tests above
 
 
-def test_hidden_and_logits_paths_train_identically(tiny_tokenizer):
+def test_hidden_and_logits_paths_train_identically(tiny_tokenizer, forward_layout):
     out = {}
     for impl in ("hidden", "logits"):
-        algo = ReMask(mask_prob=0.5, weight=0.2, seed=5, loss_impl=impl, divergence="js")
+        algo = ReMask(mask_prob=0.5, weight=0.2, seed=5, loss_impl=impl, divergence="js", forward_layout=forward_layout)
         _, model, logger = run(tiny_tokenizer, [algo], microbatch=2, duration="2ba")
         out[impl] = (weights(model), logged(logger, "loss/train/total"))
     floor = run_floor(out["logits"][0], tiny_tokenizer, [ReMask(mask_prob=0.5, weight=0.2, seed=5, loss_impl="logits",
-                                                               divergence="js")], microbatch=2, duration="2ba")
-    print(f"hidden vs logits: max |dw| = {max_weight_diff(out['hidden'][0], out['logits'][0]):.2e} (floor {floor:.2e})")
+                                                               divergence="js", forward_layout=forward_layout)],
+                      microbatch=2, duration="2ba")
+    print(f"[{forward_layout}] hidden vs logits: max |dw| = {max_weight_diff(out['hidden'][0], out['logits'][0]):.2e} (floor {floor:.2e})")
     assert max_weight_diff(out["hidden"][0], out["logits"][0]) <= ROUNDING_GROWTH * floor
     assert out["hidden"][1] == pytest.approx(out["logits"][1], abs=ROUNDING_GROWTH * ce_floor(tiny_tokenizer))
 
 
-def test_resume_from_a_checkpoint_continues_identically(tiny_tokenizer, tmp_path):
-    _, _, full = run(tiny_tokenizer, [ReMask()], microbatch=2, duration="4ba", n=16, seed=7,
+def test_resume_from_a_checkpoint_continues_identically(tiny_tokenizer, tmp_path, forward_layout):
+    _, _, full = run(tiny_tokenizer, [ReMask(forward_layout=forward_layout)], microbatch=2, duration="4ba", n=16, seed=7,
                      save_folder=str(tmp_path), save_interval="2ba")
     uninterrupted = logged(full, "loss/train/total")
     checkpoint = tmp_path / "ep0-ba2-rank0.pt"
     assert checkpoint.exists()
     # Another trainer seed: the masks must come from the checkpoint, not from the new trainer.
-    _, _, resumed = run(tiny_tokenizer, [ReMask()], microbatch=2, duration="4ba", n=16, seed=99,
+    _, _, resumed = run(tiny_tokenizer, [ReMask(forward_layout=forward_layout)], microbatch=2, duration="4ba", n=16, seed=99,
                         load_path=str(checkpoint))
-    print(f"uninterrupted batches 3-4: {uninterrupted[2:]}; resumed: {logged(resumed, 'loss/train/total')}")
+    print(f"[{forward_layout}] uninterrupted batches 3-4: {uninterrupted[2:]}; resumed: {logged(resumed, 'loss/train/total')}")
     assert logged(resumed, "loss/train/total") == uninterrupted[2:]
 
 
@@ -232,7 +234,7 @@ def test_invalid_arguments(kwargs, match):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_two_processes_match_one_process(tmp_path):
+def test_two_processes_match_one_process(tmp_path, forward_layout):
     """DDP over gloo with 2 ranks x 2 samples trains exactly like 1 rank x 4 samples."""
     import os
     import subprocess
@@ -243,31 +245,33 @@ def test_two_processes_match_one_process(tmp_path):
     script = repo / "tests" / "helpers" / "dist_train.py"
     env = {**os.environ, "PYTHONPATH": str(repo)}
     composer_bin = Path(sys.executable).with_name("composer")
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], check=True, env=env, cwd=repo,
+    layout = ["--forward-layout", forward_layout]
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt"), *layout], check=True, env=env, cwd=repo,
                    timeout=CI_LIMIT_S)
-    subprocess.run([str(composer_bin), "-n", "2", "--master_port", "29533", "--stdout", str(tmp_path / "r{rank}.out"),
-                    "--stderr", str(tmp_path / "r{rank}.err"), str(script), str(tmp_path / "two.pt")],
+    port = {"shared_prefix": "29533", "stacked": "29534"}[forward_layout]
+    subprocess.run([str(composer_bin), "-n", "2", "--master_port", port, "--stdout", str(tmp_path / "r{rank}.out"),
+                    "--stderr", str(tmp_path / "r{rank}.err"), str(script), str(tmp_path / "two.pt"), *layout],
                    check=True, env=env, cwd=repo, timeout=CI_LIMIT_S)
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one64.pt"), "float64"], check=True, env=env, cwd=repo,
-                   timeout=CI_LIMIT_S)  # the one-process run in float64: float32's own rounding of these steps
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one64.pt"), "float64", *layout], check=True, env=env,
+                   cwd=repo, timeout=CI_LIMIT_S)  # the one-process run in float64: float32's own rounding of these steps
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert (one["world"], two["world"]) == (1, 2)
     diff, floor = max_weight_diff(one["weights"], two["weights"]), float64_floor(one["weights"], torch.load(
         tmp_path / "one64.pt")["weights"])
-    print(f"1 process losses {one['losses']}; 2 processes {two['losses']}; max |dw| = {diff:.2e} (floor {floor:.2e})")
+    print(f"[{forward_layout}] 1 process losses {one['losses']}; 2 processes {two['losses']}; max |dw| = {diff:.2e} (floor {floor:.2e})")
     assert two["losses"] == pytest.approx(one["losses"], abs=ROUNDING_GROWTH * ce_floor(train_tiny_tokenizer(TINY_TEXT, 400)))
     assert diff <= ROUNDING_GROWTH * floor
 
 
 @pytest.mark.parametrize("divergence", ["sym_kl", "js"])
-def test_one_step_matches_an_independent_reference(tiny_tokenizer, divergence):
+def test_one_step_matches_an_independent_reference(tiny_tokenizer, divergence, forward_layout):
     """Trainer + ReMask (label drops, 2 microbatches) == textbook loss on the same masks, by autograd."""
     from composer_remask.remask.masking import MaskVocabulary, remask_batch
     from tests.helpers.reference_loss import reference_loss
 
     kwargs = dict(mask_prob=0.5, weight=0.7, divergence=divergence, rationale_label_drop_prob=0.3,
                   answer_only_prob=0.3, seed=21)
-    _, trained, logger = run(tiny_tokenizer, [ReMask(**kwargs)], microbatch=2, n=4, lr=0.5)
+    _, trained, logger = run(tiny_tokenizer, [ReMask(**kwargs, forward_layout=forward_layout)], microbatch=2, n=4, lr=0.5)
 
     model = build_model(tiny_tokenizer)
     batch = collate([CoTDataset(tiny_tokenizer, 4)[i] for i in range(4)])
@@ -285,8 +289,8 @@ def test_one_step_matches_an_independent_reference(tiny_tokenizer, divergence):
         for p in model.parameters():
             p -= 0.5 * p.grad
     # The reference's float32 forward and ReMask's are two float32 routes: their rounding, measured in float64.
-    loss_tol, floor = ROUNDING_GROWTH * ce_floor(tiny_tokenizer), run_floor(weights(trained), tiny_tokenizer, [ReMask(**kwargs)],
-                                                                          microbatch=2, n=4, lr=0.5)
+    loss_tol, floor = ROUNDING_GROWTH * ce_floor(tiny_tokenizer), run_floor(
+        weights(trained), tiny_tokenizer, [ReMask(**kwargs, forward_layout=forward_layout)], microbatch=2, n=4, lr=0.5)
     assert logged(logger, "loss/train/total")[0] == pytest.approx(ref["total"].item(), abs=loss_tol)
     assert logged(logger, "loss/train/divergence")[0] == pytest.approx(ref["divergence"].item(), abs=loss_tol)
     assert max_weight_diff(weights(trained), weights(model)) <= ROUNDING_GROWTH * floor
@@ -316,7 +320,7 @@ def test_models_that_transform_their_logits_are_refused_on_the_lean_path(tiny_to
 @pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.parametrize("use_orig_params", [True, False])
-def test_fsdp_full_shard_step_matches_the_unwrapped_model(tmp_path, use_orig_params):
+def test_fsdp_full_shard_step_matches_the_unwrapped_model(tmp_path, use_orig_params, forward_layout):
     """FSDP FULL_SHARD (2 ranks, gloo) with lm_head in the root unit trains like the plain model."""
     import os
     import subprocess
@@ -325,13 +329,14 @@ def test_fsdp_full_shard_step_matches_the_unwrapped_model(tmp_path, use_orig_par
 
     repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "diff"
-    port = "29541" if use_orig_params else "29542"
+    port = {(True, "shared_prefix"): "29541", (False, "shared_prefix"): "29542", (True, "stacked"): "29543",
+            (False, "stacked"): "29544"}[use_orig_params, forward_layout]
     subprocess.run([str(Path(sys.executable).with_name("composer")), "-n", "2", "--master_port", port,
                     "--stdout", str(tmp_path / "r{rank}.out"), "--stderr", str(tmp_path / "r{rank}.err"),
-                    str(repo / "tests" / "helpers" / "fsdp_step.py"), str(out), "1" if use_orig_params else "0"],
+                    str(repo / "tests" / "helpers" / "fsdp_step.py"), str(out), "1" if use_orig_params else "0", forward_layout],
                    check=True, env={**os.environ, "PYTHONPATH": str(repo)}, cwd=repo, timeout=CI_LIMIT_S)
     diffs, floors = zip(*(map(float, (tmp_path / f"diff.rank{r}").read_text().split()) for r in range(2)))
-    print(f"FSDP FULL_SHARD use_orig_params={use_orig_params}: max |w_fsdp - w_plain| per rank = {diffs} "
+    print(f"[{forward_layout}] FSDP FULL_SHARD use_orig_params={use_orig_params}: max |w_fsdp - w_plain| per rank = {diffs} "
           f"(float32 rounding floor {floors})")
     assert all(diff <= ROUNDING_GROWTH * floor for diff, floor in zip(diffs, floors))
 
@@ -414,12 +419,13 @@ def test_a_microbatch_composer_weighs_zero_while_it_holds_tokens_is_an_error(tin
                 device_train_microbatch_size=2, accumulate_train_batch_on_tokens=True).fit()
 
 
-def test_uneven_last_microbatch_is_exact(tiny_tokenizer):
+def test_uneven_last_microbatch_is_exact(tiny_tokenizer, forward_layout):
     results = {}
     for microbatch in (3, 4):
-        _, model, logger = run(tiny_tokenizer, [ReMask(seed=9)], microbatch=microbatch)
+        _, model, logger = run(tiny_tokenizer, [ReMask(seed=9, forward_layout=forward_layout)], microbatch=microbatch)
         results[microbatch] = (weights(model), logged(logger, "loss/train/total"))
-    floor = run_floor(results[4][0], tiny_tokenizer, [ReMask(seed=9)], microbatch=4)  # microbatch 4 in float64
+    floor = run_floor(results[4][0], tiny_tokenizer, [ReMask(seed=9, forward_layout=forward_layout)],
+                      microbatch=4)  # microbatch 4 in float64
     assert max_weight_diff(results[3][0], results[4][0]) <= ROUNDING_GROWTH * floor
     assert results[3][1] == pytest.approx(results[4][1], abs=ROUNDING_GROWTH * ce_floor(tiny_tokenizer))
 

@@ -50,12 +50,13 @@ def both_orders(tokenizer, make_other, remask_kwargs, **run_kwargs):
 
 
 @pytest.mark.parametrize("truncate", [True, False])
-def test_seq_length_warmup_is_exact_in_both_orders(tiny_tokenizer, truncate):
+def test_seq_length_warmup_is_exact_in_both_orders(tiny_tokenizer, truncate, forward_layout):
     """Regression: with ReMask appended, ce_full was 0.44x the loss of the truncated batch."""
     def warmup():
         return SeqLengthWarmup(duration=1.0, min_seq_length=8, max_seq_length=16, step_size=8, truncate=truncate)
 
-    out = both_orders(tiny_tokenizer, warmup, dict(seed=4, **NO_LABEL_RULES), microbatch=2, duration="2ba", n=8)
+    out = both_orders(tiny_tokenizer, warmup, dict(seed=4, forward_layout=forward_layout, **NO_LABEL_RULES), microbatch=2,
+                      duration="2ba", n=8)
     # What the model saw on batch 1: the batch cut (or reshaped) to 8 tokens by SeqLengthWarmup itself.
     from composer.algorithms.seq_length_warmup import set_batch_sequence_length
 
@@ -63,7 +64,7 @@ def test_seq_length_warmup_is_exact_in_both_orders(tiny_tokenizer, truncate):
     expected, floor = hf_loss(build_model(tiny_tokenizer), seen), hf_ce_floor(build_model(tiny_tokenizer), seen)
     for order, (_, logger) in out.items():
         got = logged(logger, "loss/train/ce_full")[0]
-        print(f"[truncate={truncate}, {order}] ce_full {got:.6f}, HF loss of the batch the model saw {expected:.6f}"
+        print(f"[truncate={truncate}, {order}, {forward_layout}] ce_full {got:.6f}, HF loss of the batch the model saw {expected:.6f}"
               f" (float32 rounding of that loss {floor:.2e})")
         assert got == pytest.approx(expected, abs=ROUNDING_GROWTH * floor)  # two float32 routes to one CE
     # Bit-exact: the list order changes when each algorithm runs, not the arithmetic (same kernels, same shapes).
@@ -124,21 +125,23 @@ def test_a_later_batch_edit_is_an_error_naming_the_cause(tiny_tokenizer, editor,
     lambda: EMA(half_life="1ba"),
     lambda: SAM(rho=0.05, interval=1),
 ], ids=["gradient_clipping", "ema", "sam"])
-def test_step_algorithms_are_exact_in_both_orders(tiny_tokenizer, make_other):
-    out = both_orders(tiny_tokenizer, make_other, dict(seed=6), microbatch=2, duration="3ba", n=12)
-    alone = run(tiny_tokenizer, [ReMask(seed=6)], microbatch=2, duration="3ba", n=12)[2]
+def test_step_algorithms_are_exact_in_both_orders(tiny_tokenizer, make_other, forward_layout):
+    out = both_orders(tiny_tokenizer, make_other, dict(seed=6, forward_layout=forward_layout), microbatch=2,
+                      duration="3ba", n=12)
+    alone = run(tiny_tokenizer, [ReMask(seed=6, forward_layout=forward_layout)], microbatch=2, duration="3ba", n=12)[2]
     assert max_weight_diff(out["other_first"][0], out["remask_first"][0]) == 0.0
     for _, logger in out.values():  # the first step's loss does not depend on what comes after it:
         # bit-exact, the same forward on the same batch and weights as ReMask alone.
         assert logged(logger, "loss/train/total")[0] == logged(alone, "loss/train/total")[0]
 
 
-def test_gradient_clipping_clips_the_remask_gradient(tiny_tokenizer):
+def test_gradient_clipping_clips_the_remask_gradient(tiny_tokenizer, forward_layout):
     """One step of ReMask + clipping equals ReMask's own gradient, clipped by hand."""
     lr, threshold = 0.5, 0.05
-    _, clipped, _ = run(tiny_tokenizer, [ReMask(seed=2), GradientClipping("norm", threshold)], microbatch=2, lr=lr)
+    remask = dict(seed=2, forward_layout=forward_layout)
+    _, clipped, _ = run(tiny_tokenizer, [ReMask(**remask), GradientClipping("norm", threshold)], microbatch=2, lr=lr)
     start = {k: w.double() for k, w in weights(build_model(tiny_tokenizer)).items()}
-    _, plain, _ = run(tiny_tokenizer, [ReMask(seed=2)], microbatch=2, lr=lr)
+    _, plain, _ = run(tiny_tokenizer, [ReMask(**remask)], microbatch=2, lr=lr)
     step = {k: (start[k] - w.double()) / lr for k, w in weights(plain).items()}  # the gradient ReMask computed
     params = dict(plain.named_parameters())
     norm = torch.sqrt(sum((step[k] ** 2).sum() for k in step if k in params)).item()
@@ -146,16 +149,16 @@ def test_gradient_clipping_clips_the_remask_gradient(tiny_tokenizer):
     factor = threshold / (norm + 1e-6)  # torch's clip_grad_norm_ formula (its 1e-6 guards a zero norm)
     expected = {k: start[k] - lr * step[k] * factor for k in step}
     # The hand computation is float64; the clipped and plain runs each round as float32 does, measured in float64.
-    floor = run_floor(weights(plain), tiny_tokenizer, [ReMask(seed=2)], microbatch=2, lr=lr)
-    print(f"clipped vs by hand: {max_weight_diff(weights(clipped), expected):.2e} (floor {floor:.2e}); "
+    floor = run_floor(weights(plain), tiny_tokenizer, [ReMask(**remask)], microbatch=2, lr=lr)
+    print(f"[{forward_layout}] clipped vs by hand: {max_weight_diff(weights(clipped), expected):.2e} (floor {floor:.2e}); "
           f"unclipped vs by hand: {max_weight_diff(weights(plain), expected):.2e}")
     assert max_weight_diff(weights(clipped), expected) <= ROUNDING_GROWTH * floor
 
 
 @pytest.mark.slow
-def test_swa_is_exact_in_both_orders(tiny_tokenizer):
+def test_swa_is_exact_in_both_orders(tiny_tokenizer, forward_layout):
     out = both_orders(tiny_tokenizer, lambda: SWA(swa_start="1ep", swa_end="2ep", update_interval="1ep"),
-                      dict(seed=8), microbatch=2, duration="3ep", n=8)
+                      dict(seed=8, forward_layout=forward_layout), microbatch=2, duration="3ep", n=8)
     assert max_weight_diff(out["other_first"][0], out["remask_first"][0]) == 0.0
 
 
@@ -298,6 +301,7 @@ def test_alibi_reshaping_gpt2_is_exact_in_both_orders(tiny_tokenizer):
     out = {}
     for order in ("alibi_first", "remask_first"):
         model, logger = gpt2(), InMemoryLogger()
+        # Stacked only: GPT-2 is not a shared-prefix model type, so ReMask's auto layout runs [full; masked] here.
         algorithms = [Alibi(max_sequence_length=128, train_sequence_length_scaling=0.5), ReMask(seed=1, **NO_LABEL_RULES)]
         loader = DataLoader(CoTDataset(tiny_tokenizer, 8), batch_size=4, collate_fn=_padded_collate)
         Trainer(model=model, train_dataloader=loader, max_duration="2ba", device="cpu", seed=0, loggers=[logger],

@@ -10,17 +10,26 @@ from tests.helpers.tolerances import ROUNDING_GROWTH, ce_floor
 from tests.helpers.training import build_model, logged, run
 
 ARGUMENTS = dict(mask_prob=0.5, weight=0.7, rationale_label_drop_prob=0.3, answer_only_prob=0.3)
+EXTRAS = [{}, {"divergence": "js", "detach_full": True}, {"mask_prob": 0.0},
+          {"weight": 0.0, "masked_only": True, "mask_strategy": "random"}]
 
 
-@pytest.mark.parametrize("microbatch", [4, 2])
-@pytest.mark.parametrize("extra", [{}, {"divergence": "js", "detach_full": True}, {"mask_prob": 0.0},
-                                   {"weight": 0.0, "masked_only": True, "mask_strategy": "random"}])
-def test_the_function_gives_what_the_algorithm_logs(tiny_tokenizer, microbatch, extra):
+# Every case on the shared-prefix layout (what ``auto`` picks on the tiny StableLM); the stacked layout on one
+# two-pass case with microbatches (the two one-pass cases run no second pass in either layout). This
+# parametrization overrides the ``forward_layout`` fixture (tests/remask/conftest.py), which would double all eight.
+@pytest.mark.parametrize("microbatch,extra,forward_layout", [
+    *(pytest.param(microbatch, extra, "shared_prefix", id=f"shared_prefix-extra{i}-{microbatch}")
+      for i, extra in enumerate(EXTRAS) for microbatch in (4, 2)),
+    pytest.param(2, EXTRAS[0], "stacked", id="stacked-extra0-2"),
+])
+def test_the_function_gives_what_the_algorithm_logs(tiny_tokenizer, microbatch, extra, forward_layout):
     arguments = {**ARGUMENTS, **extra}
-    _, _, logger = run(tiny_tokenizer, [ReMask(seed=21, **arguments)], microbatch=microbatch, n=4)
+    _, _, logger = run(tiny_tokenizer, [ReMask(seed=21, forward_layout=forward_layout, **arguments)],
+                       microbatch=microbatch, n=4)
     model = build_model(tiny_tokenizer).model.train()
     batch = collate([CoTDataset(tiny_tokenizer, 4)[i] for i in range(4)])
-    loss = remask_step_loss(model, batch, tokenizer=tiny_tokenizer, seed=21, batch_index=0, **arguments)
+    loss = remask_step_loss(model, batch, tokenizer=tiny_tokenizer, seed=21, batch_index=0,
+                            forward_layout=forward_layout, **arguments)
     # Two float32 routes to the batch's losses (microbatches or not): within float32's rounding of
     # this batch's cross-entropy, measured in float64 (each value is at most a CE in size).
     tolerance = ROUNDING_GROWTH * ce_floor(tiny_tokenizer)
