@@ -220,3 +220,21 @@ def test_train_metrics_see_the_full_rows_in_either_layout(tiny_tokenizer, impl):
     tolerance = ROUNDING_GROWTH * ce_floor(tiny_tokenizer)
     assert got["shared_prefix"] == pytest.approx(got["stacked"], abs=tolerance)
     assert got["stacked"] == pytest.approx(ce, abs=tolerance)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_gives_the_same_step(tiny_tokenizer, forward_layout, reentrant):
+    """Recomputing the decoder layers in backward (Hugging Face gradient checkpointing) changes nothing in
+    either layout: the 4D mask and position ids are inputs of every recomputed layer."""
+    model = _family("stablelm", len(tiny_tokenizer), "sdpa").train()
+    batch = _batch(tiny_tokenizer)
+    plain = _step(model, batch, tiny_tokenizer, forward_layout)
+    plain64 = _step(copy.deepcopy(model).double(), batch, tiny_tokenizer, forward_layout)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert model.is_gradient_checkpointing
+    checkpointed = _step(model, batch, tiny_tokenizer, forward_layout)
+    for i, what in enumerate(("loss terms", "gradients")):
+        diff = float((checkpointed[i] - plain[i]).abs().max())
+        floor = measured_floor(plain[i], plain64[i])
+        print(f"[{forward_layout}, reentrant={reentrant}] {what}: |checkpointed - plain| {diff:.2e} (floor {floor:.2e})")
+        assert diff <= ROUNDING_GROWTH * floor, what
