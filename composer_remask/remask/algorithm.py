@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from collections.abc import Mapping
@@ -180,6 +181,7 @@ class ReMask(Algorithm):
         self._warned_stacked_batch = False
         self._shared_rows: SharedPrefixRows | None = None  # per microbatch
         self._mask_dtype = torch.float32
+        self._model_takes: frozenset[str] | None = None  # the model's forward arguments
         self._capture = HiddenStateCapture()
         self._input_check = ForwardPreHook()
         self._probe = WeightingProbe()
@@ -287,6 +289,10 @@ class ReMask(Algorithm):
                                                      replaces=self.draws_masks)
         self._impl = choose_loss_impl(self.loss_impl, hf_model, getattr(model, "model_forward_args", None))
         self._choose_forward_layout(hf_model)
+        forward_args = getattr(model, "model_forward_args", None)
+        if forward_args is None and hf_model is not None:
+            forward_args = inspect.signature(hf_model.forward).parameters
+        self._model_takes = None if forward_args is None else frozenset(forward_args)
 
     def _choose_forward_layout(self, hf_model: Any) -> None:
         """Once per Trainer: shared prefixes where the model takes them (or as forced), else stacked."""
@@ -396,7 +402,7 @@ class ReMask(Algorithm):
         """The forward's input in the layout chosen at INIT (stacked for a microbatch that cannot share)."""
         inputs, self._shared_rows, why_stacked = model_inputs(
             microbatch, self.layout, self._shares_prefix, self._mask_dtype,
-            forced=self.forward_layout == FORWARD_LAYOUT_SHARED)
+            forced=self.forward_layout == FORWARD_LAYOUT_SHARED, model_takes=self._model_takes)
         if why_stacked is not None and not self._warned_stacked_batch:
             self._warned_stacked_batch = True
             log.info("ReMask: microbatches run in the stacked layout: %s.", why_stacked)

@@ -8,6 +8,7 @@ index whatever its microbatch split (``tests/remask/test_functional.py``).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,7 +75,8 @@ def remask_step_loss(model: torch.nn.Module, batch: Mapping[str, Any], *, tokeni
     two_pass = options.layout == LAYOUT_FULL_AND_MASKED
     share_prefix = two_pass and choose_shared_prefix(forward_layout, model)[0]
     inputs, shared_rows, _ = model_inputs(prepared, options.layout, share_prefix, attention_mask_dtype(model),
-                                          forced=forward_layout == FORWARD_LAYOUT_SHARED)
+                                          forced=forward_layout == FORWARD_LAYOUT_SHARED,
+                                          model_takes=frozenset(inspect.signature(model.forward).parameters))
     logits = output_logits(model(**inputs))
     labels = prepared["labels"]
     batch_idx, pos_idx, targets, div_rows = predicted_positions(

@@ -8,7 +8,7 @@ microbatch split works; the fingerprint lets each microbatch be checked before i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
@@ -155,15 +155,20 @@ def predicted_inputs(microbatch: Mapping[str, Any]) -> torch.Tensor:
 
 
 def model_inputs(microbatch: Mapping[str, Any], layout: str, share_prefix: bool, mask_dtype: torch.dtype,
-                 forced: bool = False) -> tuple[dict[str, Any], SharedPrefixRows | None, str | None]:
+                 forced: bool = False, model_takes: Collection[str] | None = None,
+                 ) -> tuple[dict[str, Any], SharedPrefixRows | None, str | None]:
     """The model's input for ``layout``: ``(inputs, shared_rows, why_stacked)``.
 
     With ``share_prefix`` a two-pass microbatch runs ``[full | masked suffix]`` per row
     (:mod:`composer_remask.remask.shared_prefix`; ``shared_rows`` says where the masked outputs are);
     one that cannot be laid out so runs stacked, ``why_stacked`` saying why (an error when ``forced``).
+    ``model_takes`` names the model's forward arguments: other keys never reach the model (Composer's
+    ``HuggingFaceModel`` drops them, e.g. llm-foundry's ``sequence_id`` for Hugging Face models), so
+    they are left out of the shared-prefix input rather than stopping it.
     """
     if share_prefix and layout == LAYOUT_FULL_AND_MASKED:
-        full = forward_batch(microbatch, LAYOUT_FULL)
+        full = {key: value for key, value in forward_batch(microbatch, LAYOUT_FULL).items()
+                if model_takes is None or key in model_takes}
         problem = batch_problem(full, int(microbatch["input_ids"].shape[0]))
         if problem is None:
             inputs, rows = shared_prefix_inputs(full, microbatch[MASKED_INPUT_IDS_KEY], predicted_inputs(microbatch),

@@ -4,7 +4,10 @@ It registers nothing of ReMask's (that must come from the package's entry points
 
 * logger ``probe_metrics``: every logged metric, rank 0, one JSON line per call, full precision;
 * callback ``probe``: per rank, the masked input ids ReMask drew for each sample, keyed by the
-  sample's attended tokens and the batch index; at the end of training the model's weights (rank 0).
+  sample's attended tokens and the batch index; at the end of training the model's weights (rank 0);
+* optimizer ``probe_sgd``: plain SGD, so final weights move linearly with the gradients and two
+  runs compare by their gradients' rounding (an adaptive optimizer divides each update by the
+  gradient's own size, so a gradient element near zero turns its rounding into a whole step).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from composer.core import Callback, Event, State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
-from llmfoundry.registry import callbacks, loggers
+from llmfoundry.registry import callbacks, loggers, optimizers
 
 MASKED_INPUT_IDS_KEY = "remask_masked_input_ids"
 
@@ -65,3 +68,4 @@ class Probe(Callback):
 
 loggers.register("probe_metrics", func=ProbeMetrics)
 callbacks.register("probe", func=Probe)
+optimizers.register("probe_sgd", func=torch.optim.SGD)

@@ -238,3 +238,25 @@ def test_activation_checkpointing_gives_the_same_step(tiny_tokenizer, forward_la
         floor = measured_floor(plain[i], plain64[i])
         print(f"[{forward_layout}, reentrant={reentrant}] {what}: |checkpointed - plain| {diff:.2e} (floor {floor:.2e})")
         assert diff <= ROUNDING_GROWTH * floor, what
+
+
+class _AddSequenceId:
+    """llm-foundry's finetuning collator: ``sequence_id`` (attention mask - 1), which a Hugging Face model's
+    forward does not take (Composer drops it), so it must not stop the shared-prefix layout."""
+
+    def __call__(self, samples):
+        batch = collate(samples)
+        batch["sequence_id"] = batch["attention_mask"] - 1
+        return batch
+
+
+def test_per_row_keys_the_model_does_not_take_do_not_stop_sharing(tiny_tokenizer, caplog):
+    from composer import Trainer
+    from torch.utils.data import DataLoader
+
+    model = build_model(tiny_tokenizer)
+    loader = DataLoader(CoTDataset(tiny_tokenizer, 4), batch_size=4, collate_fn=_AddSequenceId())
+    with caplog.at_level(logging.INFO, logger="composer_remask.remask.algorithm"):
+        Trainer(model=model, train_dataloader=loader, max_duration="1ba", algorithms=[ReMask(forward_layout="shared_prefix")],
+                device="cpu", progress_bar=False, seed=0).fit()
+    assert "stacked layout" not in caplog.text
