@@ -234,18 +234,18 @@ class StepProbe(Callback):
         self.times.append(time.perf_counter() - self._t0)
 
 
-def algorithms_for(method: str) -> list[Algorithm]:
+def algorithms_for(method: str, mask_prob: float = 0.4) -> list[Algorithm]:
     if method == "sft":
         return []
     if method == "lean_sft":  # one pass through ReMask's loss code: predicted positions only
         return [ReMask(mask_prob=0.0, weight=0.1, mask_token_id=MASK_ID, seed=0, rationale_label_drop_prob=0.0,
                        answer_only_prob=0.0)]
     if method == "naive":
-        return [NaiveReMask(MASK_ID, [EOS_ID, MASK_ID], mask_prob=0.4, weight=0.1)]
+        return [NaiveReMask(MASK_ID, [EOS_ID, MASK_ID], mask_prob=mask_prob, weight=0.1)]
     if method in ("remask", "remask_stacked"):  # the naive baseline's objective: no ReMask-CoT label rules
         # remask: the layout ReMask chooses by itself; remask_stacked: today's [full; masked], forced.
         layout = "stacked" if method == "remask_stacked" else "auto"
-        return [ReMask(mask_prob=0.4, weight=0.1, mask_token_id=MASK_ID, seed=0, rationale_label_drop_prob=0.0,
+        return [ReMask(mask_prob=mask_prob, weight=0.1, mask_token_id=MASK_ID, seed=0, rationale_label_drop_prob=0.0,
                        answer_only_prob=0.0, forward_layout=layout)]
     if method == "body":
         return [_BodyOnly()]
@@ -285,7 +285,7 @@ def time_methods(args) -> dict[str, dict[str, float]]:
     """Interleave single training steps of every method on one trainer; return medians."""
     methods = tuple(args.methods)
     probe = StepProbe(args.device)
-    algos = {m: algorithms_for(m) for m in methods}
+    algos = {m: algorithms_for(m, args.mask_prob) for m in methods}
     trainer = build_trainer(args, probe, [a for m in methods for a in algos[m]])  # INIT for all
     results: dict[str, dict[str, list]] = {m: {"times": [], "peaks": []} for m in methods}
     for step in range(args.warmup + args.steps):
@@ -315,7 +315,7 @@ def time_methods(args) -> dict[str, dict[str, float]]:
 def probe_cpu_memory(args, method: str) -> int:
     """Peak resident bytes of one training step of ``method``, measured in a child process."""
     cmd = [sys.executable, "-m", "bench.step_bench", "--memory-child", method, "--model", args.model, "--batch", str(args.batch),
-           "--seq", str(args.seq), "--data", args.data]
+           "--seq", str(args.seq), "--data", args.data, "--mask-prob", str(args.mask_prob)]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
     child = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     if child.returncode != 0:
@@ -346,7 +346,7 @@ def memory_child(args) -> None:
             self.peaks.append(_read_status("VmHWM:") - self.start)
 
     probe = RssProbe()
-    trainer = build_trainer(args, StepProbe("cpu"), algorithms_for(args.memory_child))
+    trainer = build_trainer(args, StepProbe("cpu"), algorithms_for(args.memory_child, args.mask_prob))
     trainer.state.callbacks.append(probe)
     trainer.fit(duration="1ba")
     trainer.fit(duration="1ba")
@@ -365,6 +365,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", choices=("synthetic", "cot"), default="synthetic",
                         help="synthetic: rows of ~--seq tokens; cot: GSM8K-shaped question/rationale/answer rows")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--mask-prob", type=float, default=0.4,
+                        help="ReMask's mask rate (1.0: every row masked from its first response token, where "
+                             "sharing the prefix saves least)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                         help="methods to time (sft is always included: every ratio is over it)")
@@ -406,7 +409,7 @@ def summarize(args, timing: dict[str, dict[str, float]]) -> dict:
             result["remask_stacked_over_lean_sft"] = median["remask_stacked"] / median["lean_sft"]
         if "remask" in methods:
             result["remask_over_remask_stacked"] = median["remask"] / median["remask_stacked"]
-    opportunity = prefix_opportunity(batch, config=config)
+    opportunity = prefix_opportunity(batch, mask_prob=args.mask_prob, config=config)
     layout = timing.get("remask", {}).get("layout", "stacked")
     passes = dict(PASSES, remask=opportunity["flop_floor_over_lean_sft"] if layout == "shared_prefix" else 2)
     with_peaks = [m for m in (*methods, "body") if "peak_bytes" in timing.get(m, {})]
@@ -429,7 +432,7 @@ def summarize(args, timing: dict[str, dict[str, float]]) -> dict:
                   f"{torch.get_num_threads()} threads)",
         "load_average": list(os.getloadavg()), "cpu_count": os.cpu_count(),
         "model": args.model, "params": params, "vocab": config.vocab_size, "batch": args.batch, "seq": args.seq,
-        "microbatch": args.microbatch or args.batch, "steps": args.steps, "fsdp": args.fsdp,
+        "microbatch": args.microbatch or args.batch, "steps": args.steps, "mask_prob": args.mask_prob, "fsdp": args.fsdp,
         "precision": "amp_bf16" if args.device == "cuda" else "fp32", "data": args.data, "padded_seq": seq,
         # The layout ReMask chose by itself, and what sharing the prefix can save on this batch.
         "layout": layout, **opportunity,
