@@ -288,8 +288,8 @@ class ReMask(Algorithm):
                                                      self.options.mask_strategy, self.options.mask_token_id,
                                                      replaces=self.draws_masks)
         self._impl = choose_loss_impl(self.loss_impl, hf_model, getattr(model, "model_forward_args", None))
-        self._choose_forward_layout(hf_model)
         forward_args = getattr(model, "model_forward_args", None)
+        self._choose_forward_layout(hf_model if forward_args is not None else None)
         if forward_args is None and hf_model is not None:
             forward_args = inspect.signature(hf_model.forward).parameters
         self._model_takes = None if forward_args is None else frozenset(forward_args)
@@ -445,8 +445,16 @@ class ReMask(Algorithm):
             return
         built = self._inputs[1]
         for key, value in kwargs.items():
-            if isinstance(value, torch.Tensor) and (key not in built or built[key][0] is not value
-                                                    or value._version != built[key][1]):
+            if not isinstance(value, torch.Tensor):
+                continue
+            if key not in built:
+                raise self._inputs_changed_error()
+            tensor, version = built[key]
+            # A wrapper's mixed-precision cast of a floating input (FSDP2 casts the attention mask) is a new
+            # tensor of the same shape and another float dtype: not an edit.
+            cast = value.shape == tensor.shape and value.dtype != tensor.dtype and value.is_floating_point() \
+                and tensor.is_floating_point()
+            if not cast and (value is not tensor or value._version != version):
                 raise self._inputs_changed_error()
 
     @staticmethod

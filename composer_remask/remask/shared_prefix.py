@@ -42,6 +42,9 @@ FORWARD_LAYOUTS = (FORWARD_LAYOUT_AUTO, FORWARD_LAYOUT_SHARED, FORWARD_LAYOUT_ST
 # as given (transformers 4.51-4.53), each checked against the stacked layout by the test suite.
 SHARED_PREFIX_MODEL_TYPES = ("gpt_neox", "llama", "mistral", "qwen2", "stablelm")
 _MASK_ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+# Config attributes of dropout in these families (attention, residual, hidden, embedding).
+_DROPOUT_ATTRIBUTES = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                       "classifier_dropout_prob", "mlp_dropout")
 # The only per-row forward inputs the layout knows how to lay out.
 _LAID_OUT_KEYS = ("input_ids", "attention_mask")
 
@@ -61,6 +64,11 @@ def model_problem(hf_model: Any) -> str | None:
         return f"sliding-window attention (sliding_window={window}) is not expressed by a custom mask"
     if "position_ids" not in inspect.signature(hf_model.forward).parameters:
         return "the model's forward takes no position_ids"
+    dropout = {name: getattr(config, name) for name in _DROPOUT_ATTRIBUTES
+               if isinstance(getattr(config, name, None), (int, float)) and getattr(config, name) > 0}
+    if dropout:
+        return (f"dropout ({', '.join(f'{k}={v}' for k, v in dropout.items())}) draws other noise for the masked "
+                "row's prefix than for the full row's, so that prefix is not the full row's")
     return None
 
 
@@ -73,7 +81,8 @@ def choose_shared_prefix(forward_layout: str, hf_model: Any) -> tuple[bool, str 
         raise ValueError(f"ReMask: unknown forward_layout {forward_layout!r}; choose one of {FORWARD_LAYOUTS}")
     if forward_layout == FORWARD_LAYOUT_STACKED:
         return False, "forward_layout='stacked'"
-    problem = "no Hugging Face model" if hf_model is None else model_problem(hf_model)
+    problem = ("no Hugging Face model in a Composer HuggingFaceModel (which names the arguments that reach its "
+               "forward)") if hf_model is None else model_problem(hf_model)
     if problem is not None and forward_layout == FORWARD_LAYOUT_SHARED:
         raise ValueError(f"ReMask(forward_layout='shared_prefix') cannot run exactly here: {problem}. Use "
                          "forward_layout='auto' (falls back to the stacked [full; masked] layout) or 'stacked'.")
@@ -172,7 +181,9 @@ def shared_prefix_inputs(inputs: Mapping[str, Any], masked_ids: torch.Tensor, pr
     # unmasked text the masked row replaced.
     unseen = in_suffix[:, :, None] & in_full[:, None, :] & (source[:, None, :] >= owner_first[:, :, None])
     allowed = same_segment & causal & key_ok[:, None, :] & ~unseen
-    allowed |= torch.eye(seq_len, dtype=torch.bool, device=device)  # no query row is left without a key
+    # A query that may see nothing (padding before any real token; nothing reads it) sees itself, so
+    # no softmax row is empty; every other query sees exactly what it sees in the stacked layout.
+    allowed |= torch.eye(seq_len, dtype=torch.bool, device=device) & ~allowed.any(-1, keepdim=True)
     mask = torch.zeros((forward_rows, 1, seq_len, seq_len), dtype=mask_dtype, device=device)
     mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
 

@@ -126,16 +126,21 @@ def test_short_segments_share_a_forward_row_without_seeing_each_other():
     assert allowed[8].nonzero().flatten().tolist() == [8]  # padding: itself only, and nothing reads it
 
 
-def test_left_padding_and_labels_on_pads_are_exact(tiny_tokenizer):
-    """Rows padded on the left, and a label on a padded position: the layout keeps every position the
-    loss reads, so both layouts still agree."""
+@pytest.mark.parametrize("padding", ["left", "right, labels on pads"])
+def test_left_padding_and_labels_on_pads_are_exact(tiny_tokenizer, padding):
+    """Rows padded on the left; or labels on padded positions, so the loss reads outputs at pad queries
+    (they see the row's real tokens, not themselves): the layout keeps every position the loss reads."""
     batch = _batch(tiny_tokenizer, 4)
-    pad = batch["attention_mask"].shape[1] - batch["attention_mask"].sum(1)
-    for key in ("input_ids", "attention_mask", "labels", "token_roles"):  # right padding -> left padding
-        batch[key] = torch.stack([torch.roll(row, int(shift)) for row, shift in zip(batch[key], pad)])
-    longest = int(batch["attention_mask"].sum(1).argmax())
-    shortest = int(batch["attention_mask"].sum(1).argmin())
-    batch["labels"][shortest, 0] = batch["input_ids"][longest, 0]  # a label where the row is padding
+    lengths = batch["attention_mask"].sum(1)
+    if padding == "left":
+        pad = batch["attention_mask"].shape[1] - lengths
+        for key in ("input_ids", "attention_mask", "labels", "token_roles"):
+            batch[key] = torch.stack([torch.roll(row, int(shift)) for row, shift in zip(batch[key], pad)])
+    else:
+        shortest = int(lengths.argmin())
+        assert batch["attention_mask"].shape[1] - int(lengths[shortest]) >= 3
+        end = int(lengths[shortest])  # predicted positions end and end + 1 are pads (their labels: end + 1, + 2)
+        batch["labels"][shortest, end + 1:end + 3] = batch["input_ids"][shortest, 1:3]
     model = _family("stablelm", len(tiny_tokenizer), "sdpa").train()
     shared = _step(model, batch, tiny_tokenizer, "shared_prefix")
     stacked = _step(model, batch, tiny_tokenizer, "stacked")
@@ -155,6 +160,8 @@ def test_models_that_cannot_share_run_stacked_or_are_refused_when_forced(tiny_to
     mistral = MistralForCausalLM(MistralConfig(vocab_size=vocab, num_key_value_heads=2, sliding_window=16, **SMALL))
     assert "sliding-window" in model_problem(mistral)
     assert "model type 'gpt2'" in model_problem(_gpt2(vocab))
+    dropout = StableLmForCausalLM(tiny_stablelm_config(vocab, attention_dropout=0.1))
+    assert "dropout (attention_dropout=0.1)" in model_problem(dropout)
     flash = _family("llama", vocab, "sdpa")
     flash.config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2" in model_problem(flash)
