@@ -112,6 +112,27 @@ class SharedPrefixRows:
     suffix_tokens: int  # positions the masked suffixes add (what the masked pass still costs)
 
 
+def _attended(full_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The padding mask as booleans on the ids' device (every position without one)."""
+    if attention_mask is None:
+        return torch.ones_like(full_ids, dtype=torch.bool)
+    return attention_mask.to(full_ids.device).bool()
+
+
+def _segment_extents(full_ids: torch.Tensor, masked_ids: torch.Tensor, attended: torch.Tensor,
+                     predicted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: one past its last attended (or predicted) position, and its first masked position
+    (``end`` for a row without one): the full part is ``[0, end)``, the suffix ``[first, end)``."""
+    length = full_ids.shape[-1]
+
+    def end_of(marks: torch.Tensor) -> torch.Tensor:  # one past the last marked position (0 without any)
+        return torch.where(marks.any(-1), length - marks.flip(-1).int().argmax(-1), 0)
+
+    end = end_of(attended) if predicted is None else torch.maximum(end_of(attended), end_of(predicted))
+    differs = (masked_ids != full_ids) & (torch.arange(length, device=full_ids.device) < end[:, None])
+    return end, torch.where(differs.any(-1), differs.int().argmax(-1), end)
+
+
 def _pack(lengths: list[int]) -> tuple[int, list[tuple[int, int]]]:
     """First-fit decreasing: ``(capacity, [(row, offset) per segment])`` with the capacity the longest
     segment, so no forward row is longer than it must be and short segments share rows."""
@@ -143,16 +164,9 @@ def shared_prefix_inputs(inputs: Mapping[str, Any], masked_ids: torch.Tensor, pr
     rows, length = full_ids.shape
     device = full_ids.device
     masked_ids = masked_ids.to(device)
-    attended = inputs.get("attention_mask")
-    attended = torch.ones_like(full_ids, dtype=torch.bool) if attended is None else attended.to(device).bool()
+    attended = _attended(full_ids, inputs.get("attention_mask"))
     positions = torch.arange(length, device=device)
-
-    def end_of(marks: torch.Tensor) -> torch.Tensor:  # one past the last marked position (0 without any)
-        return torch.where(marks.any(1), length - marks.flip(1).int().argmax(1), 0)
-
-    end = torch.maximum(end_of(attended), end_of(predicted.to(device)))
-    differs = (masked_ids != full_ids) & (positions < end[:, None])
-    first_masked = torch.where(differs.any(1), differs.int().argmax(1), end)
+    end, first_masked = _segment_extents(full_ids, masked_ids, attended, predicted.to(device))
     suffix = end - first_masked
     seq_len, placed = _pack((end + suffix).tolist())
     forward_rows = 1 + max(row for row, _ in placed) if placed else 1
@@ -214,10 +228,6 @@ def shared_prefix_passes(batch: Any) -> float:
     if masked is None:
         return 1.0
     full_ids = batch["input_ids"]
-    attended = batch.get("attention_mask")
-    attended = torch.ones_like(full_ids, dtype=torch.bool) if attended is None else attended.bool()
-    length = full_ids.shape[-1]
-    end = torch.where(attended.any(-1), length - attended.flip(-1).int().argmax(-1), 0)
-    differs = (masked.to(full_ids.device) != full_ids) & attended
-    first = torch.where(differs.any(-1), differs.int().argmax(-1), end)
+    attended = _attended(full_ids, batch.get("attention_mask"))
+    end, first = _segment_extents(full_ids, masked.to(full_ids.device), attended)
     return 1.0 + float((end - first).clamp(min=0).sum()) / max(1, full_ids.numel())
