@@ -81,10 +81,6 @@ def row_counts(labels: torch.Tensor, divergence_mask: torch.Tensor) -> torch.Ten
     return torch.stack([(labels[..., 1:] != IGNORE_INDEX).sum(-1), divergence_mask[..., 1:].sum(-1)], dim=-1).long()
 
 
-# Set (True) on a ComposerModel whose flops_per_batch already multiplies by forward_passes(batch).
-COUNTS_PASSES_ATTR = "flops_count_remask_passes"
-
-
 def forward_passes(batch) -> int:
     """Forward+backward passes ReMask runs on this (prepared) batch: 2 with a second, masked pass, else 1
     (also for the masked-only objective, whose single pass runs on the masked input).

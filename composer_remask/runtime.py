@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from composer.core import State, TimeUnit
 
-from composer_remask.batch import COUNTS_PASSES_ATTR, forward_passes
+from composer_remask.batch import forward_passes
 
 __all__ = ["ForwardPreHook", "PassCountingFlops", "run_length_in_batches", "unwrap_ddp"]
 
@@ -42,11 +42,12 @@ def unwrap_ddp(model: torch.nn.Module) -> torch.nn.Module:
 
 
 class PassCountingFlops:
-    """For one fit, a model's ``flops_per_batch`` counts every pass a batch runs (``forward_passes``).
+    """For one fit, a model's one-pass ``flops_per_batch`` counts every pass a batch runs.
 
-    Models that count the passes themselves (``COUNTS_PASSES_ATTR``) are left alone. The wrapper
-    is removed by :meth:`restore`; one left by a fit that raised is unwrapped, never wrapped again,
-    and counts right meanwhile since it reads the batch.
+    The model counts one pass; only the algorithm knows the layout it runs a batch in (two whole
+    passes, or the full rows plus the masked suffixes). The wrapper is removed by :meth:`restore`;
+    one left by a fit that raised is unwrapped, never wrapped again, and counts right meanwhile
+    since it reads the batch.
     """
 
     def __init__(self) -> None:
@@ -54,7 +55,7 @@ class PassCountingFlops:
 
     def install(self, model: Any, passes: Callable[[Any], float] = forward_passes) -> None:
         """Wrap ``model.flops_per_batch`` so it counts ``passes(batch)`` passes (default: ``forward_passes``)."""
-        if getattr(model, COUNTS_PASSES_ATTR, False) or not callable(getattr(model, "flops_per_batch", None)):
+        if not callable(getattr(model, "flops_per_batch", None)):
             return
         one_pass = getattr(model.flops_per_batch, _ONE_PASS_ATTR, model.flops_per_batch)
         own = vars(model).get("flops_per_batch")

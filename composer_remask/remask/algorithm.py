@@ -17,7 +17,7 @@
 
 from __future__ import annotations
 
-import inspect
+import functools
 import logging
 import warnings
 from collections.abc import Mapping
@@ -62,7 +62,7 @@ from composer_remask.remask.loss_weighting import (
 )
 from composer_remask.remask.masking import MaskVocabulary
 from composer_remask.remask.options import RemaskOptions, at_least
-from composer_remask.remask.prepared_batch import microbatch_problem, model_inputs, prepare_batch
+from composer_remask.remask.prepared_batch import microbatch_problem, model_inputs, passes_run, prepare_batch
 from composer_remask.remask.shared_prefix import (
     FORWARD_LAYOUT_AUTO,
     FORWARD_LAYOUT_SHARED,
@@ -71,7 +71,6 @@ from composer_remask.remask.shared_prefix import (
     SharedPrefixRows,
     attention_mask_dtype,
     choose_shared_prefix,
-    shared_prefix_passes,
 )
 from composer_remask.runtime import ForwardPreHook, PassCountingFlops, run_length_in_batches, unwrap_ddp
 
@@ -289,9 +288,8 @@ class ReMask(Algorithm):
                                                      replaces=self.draws_masks)
         self._impl = choose_loss_impl(self.loss_impl, hf_model, getattr(model, "model_forward_args", None))
         forward_args = getattr(model, "model_forward_args", None)
+        # Shared prefixes need a HuggingFaceModel (it names the forward's arguments); anything else runs stacked.
         self._choose_forward_layout(hf_model if forward_args is not None else None)
-        if forward_args is None and hf_model is not None:
-            forward_args = inspect.signature(hf_model.forward).parameters
         self._model_takes = None if forward_args is None else frozenset(forward_args)
 
     def _choose_forward_layout(self, hf_model: Any) -> None:
@@ -305,7 +303,8 @@ class ReMask(Algorithm):
         if self._seed is None:  # not restored from a checkpoint: state.rank_zero_seed is final now
             self._seed = int(self.seed) if self.seed is not None else int(state.rank_zero_seed)
         if self.two_pass:
-            self._flops.install(self._composer_model, shared_prefix_passes if self._shares_prefix else forward_passes)
+            self._flops.install(self._composer_model, functools.partial(
+                passes_run, share_prefix=self._shares_prefix, model_takes=self._model_takes))
             reason = f" ({self._stacked_reason})" if self._stacked_reason else ""
             log.info("ReMask: the full and masked passes run in the %s layout%s.", self.forward_layout_in_use, reason)
 

@@ -26,11 +26,17 @@ from composer_remask.batch import (
     ROW_COUNTS_KEY,
     SAMPLE_KEYS_KEY,
     TOKEN_ROLES_KEY,
+    forward_passes,
     num_loss_tokens,
     row_counts,
 )
 from composer_remask.remask.masking import MaskVocabulary, content_sample_keys, draw_batch_masks
-from composer_remask.remask.shared_prefix import SharedPrefixRows, batch_problem, shared_prefix_inputs
+from composer_remask.remask.shared_prefix import (
+    SharedPrefixRows,
+    batch_problem,
+    shared_prefix_inputs,
+    shared_prefix_passes,
+)
 
 _SIGN = 1 << 63
 
@@ -154,6 +160,24 @@ def predicted_inputs(microbatch: Mapping[str, Any]) -> torch.Tensor:
     return predicted
 
 
+def _shareable_full_inputs(batch: Mapping[str, Any], model_takes: Collection[str] | None,
+                           ) -> tuple[dict[str, Any], str | None]:
+    """The full rows' model input (keys the model does not take left out), and why it cannot share prefixes."""
+    full = {key: value for key, value in forward_batch(batch, LAYOUT_FULL).items()
+            if model_takes is None or key in model_takes}
+    return full, batch_problem(full, int(batch["input_ids"].shape[0]))
+
+
+def passes_run(batch: Any, share_prefix: bool, model_takes: Collection[str] | None = None) -> float:
+    """Forward+backward passes (in full-batch units) the layout :func:`model_inputs` gives ``batch`` costs,
+    for FLOP counting: the full rows plus the masked suffixes where prefixes are shared, two whole passes
+    where the batch runs stacked (also under ``auto``, for a batch that cannot share), one without a mask."""
+    if share_prefix and hasattr(batch, "get") and batch.get(MASKED_INPUT_IDS_KEY) is not None \
+            and _shareable_full_inputs(batch, model_takes)[1] is None:
+        return shared_prefix_passes(batch)
+    return float(forward_passes(batch))
+
+
 def model_inputs(microbatch: Mapping[str, Any], layout: str, share_prefix: bool, mask_dtype: torch.dtype,
                  forced: bool = False, model_takes: Collection[str] | None = None,
                  ) -> tuple[dict[str, Any], SharedPrefixRows | None, str | None]:
@@ -167,9 +191,7 @@ def model_inputs(microbatch: Mapping[str, Any], layout: str, share_prefix: bool,
     they are left out of the shared-prefix input rather than stopping it.
     """
     if share_prefix and layout == LAYOUT_FULL_AND_MASKED:
-        full = {key: value for key, value in forward_batch(microbatch, LAYOUT_FULL).items()
-                if model_takes is None or key in model_takes}
-        problem = batch_problem(full, int(microbatch["input_ids"].shape[0]))
+        full, problem = _shareable_full_inputs(microbatch, model_takes)
         if problem is None:
             inputs, rows = shared_prefix_inputs(full, microbatch[MASKED_INPUT_IDS_KEY], predicted_inputs(microbatch),
                                                 mask_dtype)

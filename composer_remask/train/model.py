@@ -21,7 +21,6 @@ from transformers import (
 from transformers.integrations.accelerate import init_empty_weights
 from transformers.modeling_utils import no_init_weights
 
-from composer_remask.batch import forward_passes
 from composer_remask.train.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -101,8 +100,8 @@ class ComposerCausalLM(HuggingFaceModel):
       in the root unit (ReMask runs ``lm_head`` on the hidden states after forward);
     - meta-device parameters (``init_device: mixed``): Composer calls the wrapped module's
       ``param_init_fn`` after moving each meta module to the GPU (:class:`MetaParamInit`);
-    - ``flops_per_batch`` counts the passes that ran: two on a batch ReMask prepared with a masked
-      pass, one otherwise.
+    - ``flops_per_batch`` counts one pass over the batch; ReMask multiplies it, for its fit, by the
+      passes its layout runs (two whole passes, or the full rows plus the masked suffixes).
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
@@ -125,17 +124,11 @@ class ComposerCausalLM(HuggingFaceModel):
         model.activation_checkpointing_fn = policy
         model.param_init_fn = MetaParamInit(model)
 
-    # ReMask multiplies by the passes it runs only for models that do not count them themselves.
-    flops_count_remask_passes = True
-
     def flops_per_batch(self, batch: Mapping[str, Any]) -> float:
-        """Training FLOPs: (6 N + 12 L d T) per token (PaLM, appendix B) times tokens, per pass run.
-
-        A batch ReMask prepared with a masked pass runs two passes (``forward_passes``).
-        """
+        """Training FLOPs of one pass: (6 N + 12 L d T) per token (PaLM, appendix B) times tokens."""
         rows, seq_len = batch["input_ids"].shape[:2]
         per_token = 6 * self.num_parameters + 12 * self.num_layers * self.hidden_size * seq_len
-        return float(per_token * rows * seq_len * forward_passes(batch))
+        return float(per_token * rows * seq_len)
 
 
 # ---------------------------------------------------------------------------- the model factory

@@ -221,9 +221,16 @@ def _suffix_share(batch) -> float:
     return added / batch["input_ids"].numel()
 
 
-def _flops_fit(model, tokenizer, algorithms):
+def _with_position_ids(samples):
+    """A collator that also hands the model position ids (a per-row input the shared prefix cannot rebuild)."""
+    batch = collate(samples)
+    batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"]).clone()
+    return batch
+
+
+def _flops_fit(model, tokenizer, algorithms, collate_fn=collate):
     recorder = RecordFlops()
-    loader = DataLoader(CoTDataset(tokenizer, 4), batch_size=4, collate_fn=collate)
+    loader = DataLoader(CoTDataset(tokenizer, 4), batch_size=4, collate_fn=collate_fn)
     Trainer(model=model, train_dataloader=loader, max_duration="1ba", algorithms=[*algorithms, recorder],
             device="cpu", progress_bar=False, optimizers=torch.optim.SGD(model.parameters(), lr=0.1)).fit()
     _flops_fit.last_batch = getattr(recorder, "batch", None)
@@ -251,18 +258,27 @@ def test_flops_count_both_passes_only_while_remask_trains(tiny_tokenizer):
     share = _suffix_share(_flops_fit.last_batch)
     assert 0.0 < share < 1.0 and shared == pytest.approx(1.0 + share, rel=1e-12)
     assert "flops_per_batch" not in vars(model)
+    # Regression: a batch that `auto` runs stacked (per-row inputs the layout cannot rebuild) was counted
+    # at the shared-prefix cost.
+    assert _flops_fit(model, tiny_tokenizer, [ReMask()], collate_fn=_with_position_ids) == [2.0]
     assert _flops_fit(model, tiny_tokenizer, []) == [1.0]
     assert _flops_fit(model, tiny_tokenizer, [ReMask(mask_prob=0.0)]) == [1.0]
 
 
-def test_projects_model_counts_passes_through_the_batch(tiny_tokenizer):
+def test_projects_model_counts_what_the_layout_runs(tiny_tokenizer):
+    """Regression: the project's own model counted two whole passes while the shared-prefix layout ran
+    the full rows plus the masked suffixes (MFU overstated by up to 2 / 1.4)."""
     from transformers import StableLmForCausalLM
 
     from composer_remask.train.model import ComposerCausalLM
     from tests.helpers.tiny_model import tiny_stablelm_config
 
     model = ComposerCausalLM(StableLmForCausalLM(tiny_stablelm_config(len(tiny_tokenizer))), tiny_tokenizer)
-    assert _flops_fit(model, tiny_tokenizer, [ReMask()]) == pytest.approx([2 * _flops_fit(model, tiny_tokenizer, [])[0]])
+    (one_pass,) = _flops_fit(model, tiny_tokenizer, [])
+    assert _flops_fit(model, tiny_tokenizer, [ReMask(forward_layout="stacked")]) == pytest.approx([2 * one_pass])
+    (shared,) = _flops_fit(model, tiny_tokenizer, [ReMask()])
+    share = _suffix_share(_flops_fit.last_batch)
+    assert 0.0 < share < 1.0 and shared == pytest.approx((1.0 + share) * one_pass, rel=1e-12)
     batch = first_batch(tiny_tokenizer)
     assert forward_passes(batch) == 1 and "flops_per_batch" not in vars(model)
 
