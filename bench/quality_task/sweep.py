@@ -130,6 +130,16 @@ class Regime:
     lr_pilot: tuple[float, ...] = ()
 
 
+# The powered comparison on the pretrained base, sized for this 2-core CPU (bench/results/
+# smollm2-135m-cpu/PLAN.md): five objectives x 3 seeds, 6 epochs (the card's) over 128 problems,
+# 500 test problems scored on the validation-chosen and the last epoch's weights; the learning
+# rate is chosen for SFT on validation first. Strict accuracy (the card's GSM8K metric).
+SMOLLM2_CPU = Regime("smollm2-135m-cpu", ("sft", "mt-paper-p0.4", "mt-p0.4", "remask-p0.4-w0.1",
+                                         "remask-p0.4-w0.1-random"), (0, 1, 2), epochs=6, batch=16,
+                     n_train=128, n_val=100, n_test=500, lr=1e-4, base="smollm2-135m", steps="1-4",
+                     max_new_tokens=64, metric="accuracy", test_at="val_best_and_last",
+                     lr_pilot=(3e-5, 1e-4, 3e-4))
+
 REGIMES = {
     # Smoke test: minutes on 2 CPU cores.
     "quick": Regime("quick", ("sft", "remask-p0.4-w0.1", "remask-p0.4-w0.1-fkl"), (0,), epochs=2, batch=16,
@@ -144,15 +154,11 @@ REGIMES = {
     "smollm2-135m": Regime("smollm2-135m", ("sft", "mt-p0.4", "remask-p0.4-w0.1"), (0, 1, 2), epochs=4, batch=16,
                            n_train=2000, n_val=150, n_test=300, lr=5e-5, base="smollm2-135m", steps="1-4",
                            max_new_tokens=64, metric="accuracy_flexible"),
-    # The powered comparison on the pretrained base, sized for this 2-core CPU (bench/results/
-    # smollm2-135m-cpu/PLAN.md): five objectives x 3 seeds, 6 epochs (the card's) over 128 problems,
-    # 500 test problems scored on the validation-chosen and the last epoch's weights; the learning
-    # rate is chosen for SFT on validation first. Strict accuracy (the card's GSM8K metric).
-    "smollm2-135m-cpu": Regime("smollm2-135m-cpu", ("sft", "mt-paper-p0.4", "mt-p0.4", "remask-p0.4-w0.1",
-                                                    "remask-p0.4-w0.1-random"), (0, 1, 2), epochs=6, batch=16,
-                               n_train=128, n_val=100, n_test=500, lr=1e-4, base="smollm2-135m", steps="1-4",
-                               max_new_tokens=64, metric="accuracy", test_at="val_best_and_last",
-                               lr_pilot=(3e-5, 1e-4, 3e-4)),
+    "smollm2-135m-cpu": SMOLLM2_CPU,
+    # The same grid on one GPU (``--device cuda``; bf16 autocast, so its own records): 5 seeds and
+    # 2,000 test problems. The paired interval narrows: its problem part by 2x (4x the problems),
+    # its seed part by sqrt(5/3). Not run yet.
+    "smollm2-135m-gpu": dataclasses.replace(SMOLLM2_CPU, name="smollm2-135m-gpu", seeds=(0, 1, 2, 3, 4), n_test=2000),
 }
 
 
@@ -780,8 +786,44 @@ def report_from_records(results_dir: Path) -> str:
     return report(results, results_dir)
 
 
+# Regime fields in which the runs of one folder may differ: more seeds or cells extend a grid.
+_EXTENDS_A_GRID = ("name", "cells", "seeds")
+
+
+def grid_mismatch(settings: Mapping[str, Any], regime: Regime, device: str) -> str | None:
+    """How ``regime`` on ``device`` differs from the grid whose ``settings`` a folder holds, or ``None``.
+
+    A run's record is reused when its training command matches, and the command does not carry
+    everything that makes runs comparable (the test split's size, the evaluation settings): a start
+    with other settings in the same folder would reuse or mix runs of another grid.
+    """
+    now: dict[str, Any] = {key: list(value) if isinstance(value, tuple) else value
+                           for key, value in dataclasses.asdict(regime).items() if key not in _EXTENDS_A_GRID}
+    if regime.lr_pilot:
+        now.pop("lr")  # chosen by the pilot, which the folder keeps
+    now["device"] = device
+    differing = [f"{key} {settings[key]!r} there, {value!r} now" for key, value in now.items()
+                 if key in settings and settings[key] != value]
+    return "; ".join(differing) or None
+
+
+def _check_folders_hold_this_grid(regime: Regime, device: str, folders: Sequence[Path]) -> str | None:
+    for folder in folders:
+        path = folder / "settings.json"
+        if path.is_file():
+            problem = grid_mismatch(json.loads(path.read_text()), regime, device)
+            if problem:
+                return (f"{path}: this folder holds runs of another grid ({problem}); this start would reuse or mix "
+                        "them. Give it its own --out and --results, or remove the folder.")
+    return None
+
+
 def run(regime: Regime, *, out: Path, results_dir: Path, device: str, jobs: int, threads: int, fresh: bool,
         command: str, label: str = "") -> int:
+    problem = _check_folders_hold_this_grid(regime, device, [results_dir, out])
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     env = common.subprocess_env(threads, device)
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
@@ -819,8 +861,9 @@ def run(regime: Regime, *, out: Path, results_dir: Path, device: str, jobs: int,
                 "cell_settings": {name: dataclasses.asdict(CELLS[name]) for name in regime.cells}, "recipe": RECIPE,
                 "device": device, "jobs": jobs, "threads": threads, "data": data, "base_record": base,
                 "machine": common.machine(device)}
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+    for folder in {results_dir, out}:  # the work folder too: its run folders keep records of their own
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
     records = run_cells([(CELLS[name], seed, None) for seed in regime.seeds for name in regime.cells],
                         results_dir / "runs")
     wall = time.monotonic() - started

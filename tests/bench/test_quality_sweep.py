@@ -4,6 +4,7 @@ the validation split, and the report (table + plot) on made-up run records. The 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def test_cells_differ_only_in_the_algorithm_switch(tmp_path: Path) -> None:
     assert "max_duration=8ep" in commands["sft"]
 
 
-@pytest.mark.parametrize("name", ["quick", "full", "smollm2-135m", "smollm2-135m-cpu"])
+@pytest.mark.parametrize("name", ["quick", "full", "smollm2-135m", "smollm2-135m-cpu", "smollm2-135m-gpu"])
 def test_regimes_have_enough_seeds_and_known_cells(name: str) -> None:
     regime = sweep.REGIMES[name]
     assert set(regime.cells) <= set(sweep.CELLS)
@@ -236,6 +237,33 @@ def test_the_pretrained_grid_is_powered_and_names_its_five_objectives() -> None:
     paper = sweep.CELLS["mt-paper-p0.4"]
     assert paper.masked_only and paper.mask_strategy == "random" and paper.weight == 0
     assert "algorithms.remask.masked_only=true" in paper.switches()
+
+
+def test_the_gpu_grid_is_the_cpu_grid_with_more_seeds_and_test_problems() -> None:
+    cpu, gpu = sweep.REGIMES["smollm2-135m-cpu"], sweep.REGIMES["smollm2-135m-gpu"]
+    differing = {key for key, value in dataclasses.asdict(gpu).items() if dataclasses.asdict(cpu)[key] != value}
+    assert differing == {"name", "seeds", "n_test"}
+    assert len(gpu.seeds) > len(cpu.seeds) and gpu.n_test > cpu.n_test
+
+
+def test_a_folder_of_another_grid_is_refused_before_anything_runs(tmp_path: Path, capsys) -> None:
+    """Regression: a run's record is reused when its training command matches, and the command does not
+    carry the test split's size: a larger test set started in the CPU grid's folders reused its runs."""
+    committed = REPO / "bench" / "results" / "smollm2-135m-cpu" / "settings.json"
+    settings = json.loads(committed.read_text())
+    cpu = sweep.REGIMES["smollm2-135m-cpu"]
+    assert sweep.grid_mismatch(settings, cpu, "cpu") is None   # the committed grid resumes from this code
+    assert sweep.grid_mismatch(settings, dataclasses.replace(cpu, seeds=(0, 1, 2, 3)), "cpu") is None  # extends it
+    results, out = tmp_path / "results", tmp_path / "work"
+    results.mkdir()
+    (results / "settings.json").write_text(committed.read_text())
+    for regime, device, named in [(dataclasses.replace(cpu, n_test=2000), "cpu", "n_test 500 there, 2000 now"),
+                                  (cpu, "cuda", "device 'cpu' there, 'cuda' now")]:
+        code = sweep.run(regime, out=out, results_dir=results, device=device, jobs=1, threads=1, fresh=False,
+                         command="test")
+        error = capsys.readouterr().err
+        assert code == 2 and str(results / "settings.json") in error and named in error
+        assert not out.exists()
 
 
 def test_test_split_is_scored_on_the_validation_chosen_and_the_last_weights(tiny_tokenizer, tmp_path: Path) -> None:
