@@ -86,6 +86,28 @@ def test_both_layouts_give_the_same_loss_and_gradients(tiny_tokenizer, family, a
         assert diff <= ROUNDING_GROWTH * floor, what
 
 
+@pytest.mark.parametrize("precision", ["autocast", "bf16_weights"])
+@pytest.mark.parametrize("family", ["stablelm", "llama"])
+def test_both_layouts_agree_in_bfloat16(tiny_tokenizer, family, precision):
+    """The GPU recipes train in bf16 (autocast, or bf16 parameters under FSDP's pure mixed precision):
+    the layouts' additive mask then meets bf16 scores. Both layouts must still agree, within the bf16
+    rounding of the same step (the stacked step in bf16 against it in float32), and stay finite."""
+    model = _family(family, len(tiny_tokenizer), "sdpa").train()
+    batch = _batch(tiny_tokenizer)
+    stacked32 = _step(model, batch, tiny_tokenizer, "stacked")
+    if precision == "bf16_weights":
+        model = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+        shared = _step(model, batch, tiny_tokenizer, "shared_prefix")
+        stacked = _step(model, batch, tiny_tokenizer, "stacked")
+    for i, what in enumerate(("loss terms", "gradients")):
+        assert torch.isfinite(shared[i]).all(), what
+        floor = float((stacked[i] - stacked32[i]).abs().max())
+        diff = float((shared[i] - stacked[i]).abs().max())
+        print(f"[{family}, {precision}] {what}: |shared - stacked| {diff:.2e}, bf16 rounding {floor:.2e}")
+        assert floor > 0 and diff <= ROUNDING_GROWTH * floor, what
+
+
 def test_the_prefix_is_the_full_rows_own_and_rows_without_a_mask_add_nothing():
     ids = torch.tensor([[5, 6, 7, 8, 9, 0], [5, 6, 7, 8, 0, 0], [5, 6, 7, 8, 9, 10]])
     attention = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
