@@ -319,12 +319,14 @@ def test_models_that_transform_their_logits_are_refused_on_the_lean_path(tiny_to
 
 @pytest.mark.slow
 @pytest.mark.dist
-# Both FSDP parameter modes on the default layout; the stacked layout once (the flat-parameter handling
-# it would test again does not depend on the layout).
-@pytest.mark.parametrize("use_orig_params, forward_layout", [(True, "shared_prefix"), (False, "shared_prefix"),
-                                                             (True, "stacked")])
-def test_fsdp_full_shard_step_matches_the_unwrapped_model(tmp_path, use_orig_params, forward_layout):
-    """FSDP FULL_SHARD (2 ranks, gloo) with lm_head in the root unit trains like the plain model."""
+# Both FSDP1 parameter modes on the default layout; the stacked layout once (the flat-parameter handling
+# it would test again does not depend on the layout); FSDP2 (fully_shard) in float32 and with bf16
+# parameters, whose cast of the model's floating inputs (the shared-prefix mask) is not an edit.
+@pytest.mark.parametrize("use_orig_params, forward_layout, sharding", [
+    (True, "shared_prefix", "fsdp1"), (False, "shared_prefix", "fsdp1"), (True, "stacked", "fsdp1"),
+    (True, "shared_prefix", "fsdp2"), (True, "shared_prefix", "fsdp2_bf16")])
+def test_fsdp_step_matches_the_unwrapped_model(tmp_path, use_orig_params, forward_layout, sharding):
+    """FSDP (2 ranks, gloo) with lm_head in the root unit trains like the plain model."""
     import os
     import subprocess
     import sys
@@ -332,15 +334,18 @@ def test_fsdp_full_shard_step_matches_the_unwrapped_model(tmp_path, use_orig_par
 
     repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "diff"
-    port = {(True, "shared_prefix"): "29541", (False, "shared_prefix"): "29542",
-            (True, "stacked"): "29543"}[use_orig_params, forward_layout]
+    port = {(True, "shared_prefix", "fsdp1"): "29541", (False, "shared_prefix", "fsdp1"): "29542",
+            (True, "stacked", "fsdp1"): "29543", (True, "shared_prefix", "fsdp2"): "29544",
+            (True, "shared_prefix", "fsdp2_bf16"): "29545"}[use_orig_params, forward_layout, sharding]
     subprocess.run([str(Path(sys.executable).with_name("composer")), "-n", "2", "--master_port", port,
                     "--stdout", str(tmp_path / "r{rank}.out"), "--stderr", str(tmp_path / "r{rank}.err"),
-                    str(repo / "tests" / "helpers" / "fsdp_step.py"), str(out), "1" if use_orig_params else "0", forward_layout],
+                    str(repo / "tests" / "helpers" / "fsdp_step.py"), str(out), "1" if use_orig_params else "0",
+                    forward_layout, sharding],
                    check=True, env={**os.environ, "PYTHONPATH": str(repo)}, cwd=repo, timeout=CI_LIMIT_S)
     diffs, floors = zip(*(map(float, (tmp_path / f"diff.rank{r}").read_text().split()) for r in range(2)))
-    print(f"[{forward_layout}] FSDP FULL_SHARD use_orig_params={use_orig_params}: max |w_fsdp - w_plain| per rank = {diffs} "
-          f"(float32 rounding floor {floors})")
+    rounding = "bf16" if sharding == "fsdp2_bf16" else "float32"
+    print(f"[{forward_layout}] {sharding} use_orig_params={use_orig_params}: max |w_fsdp - w_plain| per rank = "
+          f"{diffs} ({rounding} rounding floor {floors})")
     assert all(diff <= ROUNDING_GROWTH * floor for diff, floor in zip(diffs, floors))
 
 
