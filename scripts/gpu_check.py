@@ -10,7 +10,7 @@ repository root (it imports ``bench.step_bench``):
    (``'logits'``) from the same weights and batch, in amp_bf16 on CUDA (fp32 on CPU): totals and
    output-layer gradients agree, and each total equals ``(ce_full + ce_masked) / 2 + weight * div``.
 2. ``step_bench``: ``bench/step_bench.py`` on StableLM-3B-4e1t's config (``bench/model_configs``) (random init) with
-   amp_bf16 and FSDP: tokens/s, MFU (both passes counted), peak memory for SFT, lean SFT, ReMask.
+   amp_bf16 and FSDP: tokens/s, MFU (the passes the layout runs counted), peak memory for SFT, lean SFT, ReMask.
 3. ``train_resume``: ``train.py`` on the 3B recipe with that config (``--train-layers`` decoder
    layers, default 8, so the checkpoint with Lilith's three moments stays ~14 GB on the machine's
    disk), FSDP, a corpus built from the packaged fixtures and the repo's tiny tokenizer: run A is

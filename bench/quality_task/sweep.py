@@ -799,8 +799,11 @@ def grid_mismatch(settings: Mapping[str, Any], regime: Regime, device: str) -> s
     """
     now: dict[str, Any] = {key: list(value) if isinstance(value, tuple) else value
                            for key, value in dataclasses.asdict(regime).items() if key not in _EXTENDS_A_GRID}
+    # What the runs train with is the rate, not how it was found: the folder's ``lr`` is the one its
+    # pilot chose, and a pilot here reuses that pilot's runs, so it is compared only when given by hand.
+    now.pop("lr_pilot")
     if regime.lr_pilot:
-        now.pop("lr")  # chosen by the pilot, which the folder keeps
+        now.pop("lr")
     now["device"] = device
     differing = [f"{key} {settings[key]!r} there, {value!r} now" for key, value in now.items()
                  if key in settings and settings[key] != value]
@@ -842,8 +845,21 @@ def run(regime: Regime, *, out: Path, results_dir: Path, device: str, jobs: int,
                                                  records_dir, lr))
                               for cell, seed, lr in plan], failures)
 
+    def stamp_folders() -> None:
+        """Write the grid's settings where its runs go, so that a later start of another grid is refused."""
+        settings = {"schema": SCHEMA, "regime": "epochs", "mode": regime.name, "label": label, "command": command,
+                    **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(regime).items()
+                       if k != "name"},
+                    "cell_settings": {name: dataclasses.asdict(CELLS[name]) for name in regime.cells},
+                    "recipe": RECIPE, "device": device, "jobs": jobs, "threads": threads, "data": data,
+                    "base_record": base, "machine": common.machine(device)}
+        for folder in {results_dir, out}:  # the work folder too: its run folders keep records of their own
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+
     pilot: dict[str, Any] | None = None
     if regime.lr_pilot:
+        stamp_folders()  # before the pilot's runs too (its ``lr`` is rewritten once the pilot has chosen)
         pilot_runs = run_cells([(CELLS["sft"], 0, lr) for lr in regime.lr_pilot], results_dir / "lr_pilot")
         if len(pilot_runs) != len(regime.lr_pilot):
             print("failed runs:\n" + "\n".join(failures), file=sys.stderr)
@@ -855,15 +871,7 @@ def run(regime: Regime, *, out: Path, results_dir: Path, device: str, jobs: int,
         (results_dir / "lr_pilot.json").write_text(json.dumps(pilot, indent=1) + "\n")
         regime = dataclasses.replace(regime, lr=pilot["chosen_lr"])
         print(f"learning rate chosen on validation: {regime.lr:g}", flush=True)
-    settings = {"schema": SCHEMA, "regime": "epochs", "mode": regime.name, "label": label, "command": command,
-                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(regime).items()
-                   if k != "name"},
-                "cell_settings": {name: dataclasses.asdict(CELLS[name]) for name in regime.cells}, "recipe": RECIPE,
-                "device": device, "jobs": jobs, "threads": threads, "data": data, "base_record": base,
-                "machine": common.machine(device)}
-    for folder in {results_dir, out}:  # the work folder too: its run folders keep records of their own
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "settings.json").write_text(json.dumps(settings, indent=1) + "\n")
+    stamp_folders()
     records = run_cells([(CELLS[name], seed, None) for seed in regime.seeds for name in regime.cells],
                         results_dir / "runs")
     wall = time.monotonic() - started

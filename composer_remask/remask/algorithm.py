@@ -1,7 +1,7 @@
 """ReMask as a Composer algorithm: a thin event adapter over the named parts (docs/design.md#events).
 
 * ``FIT_START``: settle the mask seed (given, restored from a checkpoint, or the restored
-  ``rank_zero_seed``) and count both passes in ``flops_per_batch`` for this fit only.
+  ``rank_zero_seed``) and make ``flops_per_batch`` count the passes the layout runs, for this fit only.
 * ``BATCH_START`` (whole device batch, after every algorithm's ``AFTER_DATALOADER``, so the list
   order does not matter): label rules and masks (:mod:`composer_remask.remask.masking`), global counts
   (:mod:`composer_remask.remask.loss_weighting`). What the batch looked like is recorded in it.

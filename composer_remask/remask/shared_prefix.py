@@ -223,7 +223,9 @@ def attention_mask_dtype(hf_model: Any) -> torch.dtype:
 def shared_prefix_passes(batch: Any) -> float:
     """Forward+backward passes a prepared batch costs in the shared-prefix layout, for FLOP counting:
     the full rows, plus each masked row's suffix from its first masked token (as a share of the rows'
-    positions). A batch without a masked input runs one pass."""
+    positions). A batch without a masked input runs one pass. An estimate in the padded ``B*T``
+    convention of the model's count: a suffix token is charged a full row's per-token cost, though its
+    attention spans the shared prefix too."""
     masked = batch.get(MASKED_INPUT_IDS_KEY) if hasattr(batch, "get") else None
     if masked is None:
         return 1.0

@@ -254,6 +254,9 @@ def test_a_folder_of_another_grid_is_refused_before_anything_runs(tmp_path: Path
     cpu = sweep.REGIMES["smollm2-135m-cpu"]
     assert sweep.grid_mismatch(settings, cpu, "cpu") is None   # the committed grid resumes from this code
     assert sweep.grid_mismatch(settings, dataclasses.replace(cpu, seeds=(0, 1, 2, 3)), "cpu") is None  # extends it
+    by_hand = dataclasses.replace(cpu, lr_pilot=())   # `--lr`: the rate given, no pilot
+    assert sweep.grid_mismatch(settings, dataclasses.replace(by_hand, lr=settings["lr"]), "cpu") is None
+    assert "lr 3e-05 there, 0.0001 now" in sweep.grid_mismatch(settings, dataclasses.replace(by_hand, lr=1e-4), "cpu")
     results, out = tmp_path / "results", tmp_path / "work"
     results.mkdir()
     (results / "settings.json").write_text(committed.read_text())
@@ -264,6 +267,12 @@ def test_a_folder_of_another_grid_is_refused_before_anything_runs(tmp_path: Path
         error = capsys.readouterr().err
         assert code == 2 and str(results / "settings.json") in error and named in error
         assert not out.exists()
+    (results / "settings.json").unlink()   # the work folder's own stamp is checked too
+    out.mkdir()
+    (out / "settings.json").write_text(committed.read_text())
+    assert sweep.run(dataclasses.replace(cpu, n_test=2000), out=out, results_dir=results, device="cpu", jobs=1,
+                     threads=1, fresh=False, command="test") == 2
+    assert str(out / "settings.json") in capsys.readouterr().err and sorted(out.iterdir()) == [out / "settings.json"]
 
 
 def test_test_split_is_scored_on_the_validation_chosen_and_the_last_weights(tiny_tokenizer, tmp_path: Path) -> None:

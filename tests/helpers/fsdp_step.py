@@ -11,6 +11,9 @@ it casts the model's floating inputs, the shared-prefix attention mask among the
 Each rank writes ``OUT.rank{r}`` with the largest weight difference after one SGD step and the noise
 floor of that comparison: the float32 rounding of the unwrapped step (against it in float64), or
 for ``fsdp2_bf16`` its bf16 rounding (the unwrapped step with bf16 parameters against it in float32).
+That floor also holds the bf16 rounding of the SGD update, which FSDP2 (float32 master weights) does
+not have, so the bf16 case shows agreement within the step's bf16 rounding, not exactness; float32
+is where exactness is checked.
 """
 
 from __future__ import annotations
