@@ -407,7 +407,27 @@ def _add_structural_tags(model: Any, tokenizer: Any, pad_vocab_to_multiple_of: i
     add_remask_tokens(tokenizer)
     if len(tokenizer) > base_rows:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_vocab_to_multiple_of, mean_resizing=False)
+        _initialize_padding_rows(model, len(tokenizer))
     return _initialize_tags(model, tokenizer, base_rows)
+
+
+def _initialize_padding_rows(model: Any, vocab_size: int, seed: int = 0) -> None:
+    """Rows past the vocabulary (the padding to a multiple) from a fixed seed, so that the import is a
+    function of the GGUF alone: ``resize_token_embeddings`` draws them from the global random state,
+    which torch seeds differently in every process (two imports of one file differed there, and with
+    tied embeddings these rows are output logits too)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    std = float(getattr(model.config, "initializer_range", 0.02))
+    matrices = [model.get_input_embeddings().weight]
+    outputs = model.get_output_embeddings()
+    if outputs is not None and outputs.weight.data_ptr() != matrices[0].data_ptr():
+        matrices.append(outputs.weight)
+    with torch.no_grad():
+        for matrix in matrices:
+            rows = matrix[vocab_size:]
+            rows.copy_(torch.randn(rows.shape, generator=generator, dtype=torch.float32).mul_(std).to(rows.dtype))
 
 
 def _write_folder(out: Path, model: Any, tokenizer: Any, record: Mapping[str, Any]) -> None:

@@ -191,6 +191,27 @@ def test_structural_tags_start_from_the_base_words(tmp_path: Path, tied: bool) -
     assert tokenizer.encode(f"x{ANSWER_TAG}\n36")[1] == answer
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_import_is_a_function_of_the_gguf_alone(tmp_path: Path, tied: bool) -> None:
+    """Regression: the rows past the vocabulary came from the global random state, so two imports of
+    one GGUF differed there (with tied embeddings, in the output logits too)."""
+    from safetensors.torch import load_file
+
+    gguf_path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(gguf_path, tied=tied, seed=5)
+    weights = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        import_gguf(gguf_path, tmp_path / f"hf{global_seed}")
+        weights.append(load_file(str(tmp_path / f"hf{global_seed}" / "model.safetensors")))
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf1"))
+    padded = weights[0]["model.embed_tokens.weight"].shape[0]
+    assert padded > len(tokenizer)   # there are padding rows to compare
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
+
+
 def test_cli_writes_the_folder_and_refuses_to_overwrite(tiny_gguf, tmp_path: Path, capsys) -> None:
     gguf_path, _ = tiny_gguf
     out = tmp_path / "hf"
