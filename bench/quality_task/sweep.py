@@ -799,11 +799,9 @@ def grid_mismatch(settings: Mapping[str, Any], regime: Regime, device: str) -> s
     """
     now: dict[str, Any] = {key: list(value) if isinstance(value, tuple) else value
                            for key, value in dataclasses.asdict(regime).items() if key not in _EXTENDS_A_GRID}
-    # What the runs train with is the rate, not how it was found: the folder's ``lr`` is the one its
-    # pilot chose, and a pilot here reuses that pilot's runs, so it is compared only when given by hand.
-    now.pop("lr_pilot")
-    if regime.lr_pilot:
-        now.pop("lr")
+    # With a pilot, the folder's ``lr`` is the one its pilot chose: the same pilot chooses it again.
+    # Without one, the rate given by hand is what the runs train with, however the folder found it.
+    now.pop("lr" if regime.lr_pilot else "lr_pilot")
     now["device"] = device
     differing = [f"{key} {settings[key]!r} there, {value!r} now" for key, value in now.items()
                  if key in settings and settings[key] != value]

@@ -257,6 +257,7 @@ def test_a_folder_of_another_grid_is_refused_before_anything_runs(tmp_path: Path
     by_hand = dataclasses.replace(cpu, lr_pilot=())   # `--lr`: the rate given, no pilot
     assert sweep.grid_mismatch(settings, dataclasses.replace(by_hand, lr=settings["lr"]), "cpu") is None
     assert "lr 3e-05 there, 0.0001 now" in sweep.grid_mismatch(settings, dataclasses.replace(by_hand, lr=1e-4), "cpu")
+    assert "lr_pilot" in sweep.grid_mismatch(settings, dataclasses.replace(cpu, lr_pilot=(1e-4, 3e-4)), "cpu")
     results, out = tmp_path / "results", tmp_path / "work"
     results.mkdir()
     (results / "settings.json").write_text(committed.read_text())
