@@ -315,8 +315,7 @@ def _initialize_tags(model: Any, tokenizer: Any, base_rows: int) -> dict[str, li
     from composer_remask.batch import MASK_TOKEN
 
     sources: dict[str, list[int]] = {}
-    inputs = model.get_input_embeddings().weight
-    outputs = model.get_output_embeddings().weight if model.get_output_embeddings() is not None else None
+    inputs, outputs = _embedding_matrices(model)
     with torch.no_grad():
         mean_in = inputs[:base_rows].mean(dim=0)
         mean_out = outputs[:base_rows].mean(dim=0) if outputs is not None else None
@@ -325,7 +324,7 @@ def _initialize_tags(model: Any, tokenizer: Any, base_rows: int) -> dict[str, li
             ids = _phrase_ids(tokenizer, TAG_PHRASES.get(tag, ()), base_rows)
             sources[tag] = ids
             inputs[row] = inputs[ids].mean(dim=0) if ids else mean_in
-            if outputs is not None and outputs.data_ptr() != inputs.data_ptr():
+            if outputs is not None:
                 outputs[row] = outputs[ids].mean(dim=0) if ids else mean_out
     return sources
 
@@ -411,6 +410,14 @@ def _add_structural_tags(model: Any, tokenizer: Any, pad_vocab_to_multiple_of: i
     return _initialize_tags(model, tokenizer, base_rows)
 
 
+def _embedding_matrices(model: Any) -> tuple[Any, Any]:
+    """The input embedding and the output layer's weight, the latter ``None`` when tied to the former."""
+    inputs = model.get_input_embeddings().weight
+    output_layer = model.get_output_embeddings()
+    untied = output_layer is not None and output_layer.weight.data_ptr() != inputs.data_ptr()
+    return inputs, output_layer.weight if untied else None
+
+
 def _initialize_padding_rows(model: Any, vocab_size: int, seed: int = 0) -> None:
     """Rows past the vocabulary (the padding to a multiple) from a fixed seed, so that the import is a
     function of the GGUF alone: ``resize_token_embeddings`` draws them from the global random state,
@@ -420,12 +427,8 @@ def _initialize_padding_rows(model: Any, vocab_size: int, seed: int = 0) -> None
 
     generator = torch.Generator().manual_seed(seed)
     std = float(getattr(model.config, "initializer_range", 0.02))
-    matrices = [model.get_input_embeddings().weight]
-    outputs = model.get_output_embeddings()
-    if outputs is not None and outputs.weight.data_ptr() != matrices[0].data_ptr():
-        matrices.append(outputs.weight)
     with torch.no_grad():
-        for matrix in matrices:
+        for matrix in filter(lambda m: m is not None, _embedding_matrices(model)):
             rows = matrix[vocab_size:]
             rows.copy_(torch.randn(rows.shape, generator=generator, dtype=torch.float32).mul_(std).to(rows.dtype))
 
