@@ -3,8 +3,13 @@ outside the repository."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -72,3 +77,44 @@ def test_every_link_in_the_docs_and_the_method_card_exists():
                for target in sorted(linked_paths(doc.read_text(encoding="utf-8")))
                if target and not (doc.parent / target).exists()]
     assert not missing, missing
+
+
+# ``python bench/x.py`` or ``python -m bench.x`` as the documents write it (``.venv/bin/python`` too).
+DOCUMENTED_BENCH_COMMAND = re.compile(r"python3? +(?:(-m) +(bench(?:\.\w+)+)|((?:bench|scripts)/\w+\.py))")
+
+
+def documented_bench_commands() -> dict[tuple[str, ...], str]:
+    """Each bench or script command the README, docs, recipes and bench docstrings give, with where it is written."""
+    documents = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "yamls").glob("*.yaml")),
+                 *sorted((REPO / "bench").rglob("*.py")), *sorted((REPO / "scripts").glob("*.py"))]
+    commands: dict[tuple[str, ...], str] = {}
+    for document in documents:
+        for number, line in enumerate(document.read_text(encoding="utf-8").splitlines(), start=1):
+            for flag, module, script in DOCUMENTED_BENCH_COMMAND.findall(line):
+                command = ("-m", module) if flag else (script,)
+                if script and not (REPO / script).exists():
+                    continue   # a path the README test already reports
+                commands.setdefault(command, f"{document.relative_to(REPO)}:{number}")
+    return commands
+
+
+def test_the_command_finder_reads_both_forms():
+    found = DOCUMENTED_BENCH_COMMAND.findall("`.venv/bin/python -m bench.step_bench --fsdp`; `python bench/data_bench.py`")
+    assert found == [("-m", "bench.step_bench", ""), ("", "", "bench/data_bench.py")]
+
+
+@pytest.mark.slow
+def test_every_bench_command_the_documents_give_starts():
+    """A documented command that cannot import its own package fails before it parses an option:
+    ``python bench/quality.py`` did, while the README gave it (the script imports ``bench.quality_task``)."""
+    commands = documented_bench_commands()
+    assert ("-m", "bench.quality") in commands
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    failed = []
+    for command, where in sorted(commands.items()):
+        result = subprocess.run([sys.executable, *command, "--help"], cwd=REPO, env=env, capture_output=True,
+                                text=True)
+        if result.returncode != 0:
+            failed.append(f"{where}: python {' '.join(command)} --help exited {result.returncode}: "
+                          f"{result.stderr.strip().splitlines()[-1:]}")
+    assert not failed, "\n".join(failed)
