@@ -32,6 +32,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -623,6 +624,27 @@ def _base_data_text(base_data: str) -> str:
     return f"{'symbol-style chains' if style == 'symbols' else 'worded problems'} ({operations} operations)"
 
 
+def _plot_paired(ax: Any, summary: Mapping[str, Any], paired: Mapping[str, Any], colors: Any) -> None:
+    """Each method minus SFT with its paired 95% interval, at the last and the validation-chosen epoch."""
+    names = list(paired)
+    for i, name in enumerate(names):
+        color = colors(list(summary).index(name))
+        for endpoint, offset, marker in (("test_final_correct", -0.12, "o"), ("test_at_chosen_correct", 0.12, "s")):
+            entry = paired[name].get(endpoint)
+            if entry is None:
+                continue
+            low, high = (100 * bound for bound in entry["ci95"])
+            diff = 100 * entry["diff_vs_sft"]
+            ax.errorbar(diff, i + offset, xerr=[[diff - low], [high - diff]], fmt=marker, color=color, capsize=3,
+                        alpha=1.0 if endpoint == "test_final_correct" else 0.55)
+    ax.axvline(0, color="black", lw=1)
+    ax.set_yticks(range(len(names)), [textwrap.fill(summary[n]["label"], 28) for n in names], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("test accuracy minus SFT (pp), paired over seeds and problems")
+    ax.set_title("each method minus SFT, 95% interval: last epoch (dot), val-chosen epoch (square, light)", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+
+
 def plot(results: Mapping[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -632,8 +654,13 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
     summary, records = results["summary"], results["runs"]
     colors = plt.get_cmap("tab10")
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    for ax, key, title in ((axes[0][0], "test_by_epoch", "test accuracy by epoch (%)"),
-                           (axes[0][1], "val_by_epoch", "validation accuracy by epoch (%)")):
+    paired = {name: entry["paired"] for name, entry in summary.items() if entry.get("paired")}
+    curves = [(axes[0][1], "val_by_epoch", "validation accuracy by epoch (%)")]
+    if paired:
+        _plot_paired(axes[0][0], summary, paired, colors)
+    else:
+        curves.insert(0, (axes[0][0], "test_by_epoch", "test accuracy by epoch (%)"))
+    for ax, key, title in curves:
         for i, (name, entry) in enumerate(summary.items()):
             points = sorted((int(ep), pair) for ep, pair in entry[key].items() if pair[0] is not None)
             xs = [p[0] for p in points]
@@ -646,7 +673,8 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    axes[0][1].legend(fontsize=7, loc="upper left")
+    axes[0][1].set_ylim(-3, 130)   # room above the curves for the legend
     ax = axes[1][0]
     names = list(summary)
     for i, name in enumerate(names):
@@ -655,7 +683,7 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
             mean = statistics.fmean(values)
             ax.bar(i + offset, mean, width=0.3, color=colors(i), alpha=0.45 if key == "test_final" else 0.8)
             ax.scatter([i + offset] * len(values), values, color="black", s=10, marker=marker, zorder=3)
-    ax.set_xticks(range(len(names)), [summary[n]["label"].replace(" ", "\n", 1) for n in names], fontsize=7)
+    ax.set_xticks(range(len(names)), [textwrap.fill(summary[n]["label"], 16) for n in names], fontsize=7)
     ax.set_title("test acc (%): last epoch (light), val-chosen epoch (dark), dots = seeds", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax = axes[1][1]
@@ -665,11 +693,10 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
                 ms=3, label=entry["label"])
         ax.plot(lengths, [100 * entry["predicted_by_length_final"][str(n)][0] for n in lengths], ":", color=colors(i))
     ax.set_xlabel("chain length (operations)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title("by chain length: free-running acc (solid) vs teacher-forced step acc^L (dotted), %", fontsize=9)
     ax.grid(alpha=0.3)
     s = results["settings"]
-    import textwrap
-
     fig.suptitle(textwrap.fill(f"composer-remask quality, multi-epoch regime ({s['mode']}): {s['n_train']} problems x "
                                f"{s['epochs']} epochs, base {s['base']}, seeds {s['seeds']}"
                                f"{'. ' + s['label'] if s.get('label') else ''}", 150), fontsize=9)

@@ -117,6 +117,40 @@ def test_choices_use_validation_only_and_report_renders(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "quality_epochs.json").read_text())["runs"][0]["cell"] == "sft"
 
 
+def test_a_grid_report_is_rebuilt_from_its_committed_records_alone(tmp_path: Path) -> None:
+    """``--report-only`` on a grid folder: settings, the pilot and one record per finished run are all
+    it reads; each method gets its paired difference against SFT, table and plot included."""
+    sft_correct = {0: [1, 1, 0, 0, 1, 0, 1, 0, 1, 0], 1: [0, 1, 1, 0, 1, 0, 0, 1, 1, 0]}
+    runs = []
+    for seed, rows in sft_correct.items():
+        fixed = list(rows)
+        for i in [i for i, ok in enumerate(rows) if not ok][:2]:   # ReMask fixes two misses per seed
+            fixed[i] = 1
+        for cell, correct in (("sft", rows), ("remask-p0.4-w0.1", fixed)):
+            accuracy = sum(correct) / len(correct)
+            record = _record(cell, seed, [0.1, 0.5, 0.6], [0.1, accuracy - 0.1, accuracy])
+            runs.append({**record, "test_final_correct": correct, "test_at_chosen_correct": correct,
+                         "run_seconds": 30.0})
+    (tmp_path / "runs").mkdir()
+    for record in runs:
+        (tmp_path / "runs" / f"{record['cell']}-s{record['seed']}.json").write_text(json.dumps(record))
+    settings = {"mode": "test", "base": "tiny", "base_steps": 1, "base_n_train": 1, "epochs": 2, "n_train": 8,
+                "steps": "2-3", "batch": 4, "lr": 1e-3, "seeds": [0, 1, 2], "cells": ["sft", "remask-p0.4-w0.1"],
+                "n_val": 4, "n_test": 10, "device": "cpu", "jobs": 1, "threads": 1, "wall_seconds": 60,
+                "machine": "test", "command": "python -m bench.quality --grid test"}
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+
+    assert quality.main(["--grid", "smollm2-135m-cpu", "--report-only", "--results", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "quality_epochs.json").read_text())
+    paired = results["summary"]["remask-p0.4-w0.1"]["paired"]["test_final_correct"]
+    assert paired["diff_vs_sft"] == pytest.approx(0.2) and paired["seeds"] == [0, 1] and paired["n_problems"] == 10
+    assert "paired" not in results["summary"]["sft"]
+    assert (results["settings"]["runs_finished"], results["settings"]["runs_planned"]) == (4, 6)
+    text = (tmp_path / "quality_epochs.md").read_text()
+    assert "## Each method minus SFT" in text and "| ReMask p=0.4 w=0.1 sym_kl | [0, 1] | +20.0 |" in text
+    assert (tmp_path / "quality_epochs.png").stat().st_size > 10_000
+
+
 def test_cells_differ_only_in_the_algorithm_switch(tmp_path: Path) -> None:
     regime = sweep.REGIMES["full"]
     base = {"hf": str(tmp_path / "base" / "hf"), "tokenizer": "assets/tiny-tokenizer"}
